@@ -1,0 +1,74 @@
+"""What the engine hands back to callers: per-request output chunks and final results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of the chosen token and, when asked for, the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """A chunk of one request's output: the tokens and text produced since the previous chunk.
+
+    `finished` is True on the last chunk, which carries `finish_reason` ("stop", "length" or "abort")
+    and, when a stop string or stop token ended it, `stop_reason`.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0  # total so far, including this chunk
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request, as the offline `LLM.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load and counters, for admission, metrics and autoscaling."""
+
+    num_running: int
+    num_waiting: int
+    num_free_pages: int
+    num_total_pages: int
+    page_size: int
+    num_cached_pages: int  # unreferenced pages kept for the prefix cache (evictable)
+    prompt_tokens_total: int  # counters since start
+    generation_tokens_total: int
+    cached_prompt_tokens_total: int  # prompt tokens served from the prefix cache
+    requests_finished_total: int
+    requests_aborted_total: int
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of pages held by live sequences (cached-but-free pages count as free)."""
+        used = self.num_total_pages - self.num_free_pages - self.num_cached_pages
+        return used / max(self.num_total_pages, 1)
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_prompt_tokens_total / max(self.prompt_tokens_total, 1)
