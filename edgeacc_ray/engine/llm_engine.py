@@ -1,0 +1,178 @@
+"""The synchronous engine: requests in, one scheduled forward per `step()`, output chunks out."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from edgeacc_ray.engine.block_manager import BlockManager
+from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.detokenizer import IncrementalDetokenizer
+from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes
+from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
+from edgeacc_ray.engine.platform import configure_cpu
+from edgeacc_ray.engine.sampler import sample
+from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.scheduler import AdmissionPolicy, Scheduler
+from edgeacc_ray.engine.sequence import Sequence
+from edgeacc_ray.models.loader import load_model
+
+MAX_DEFAULT_CONTEXT = 32768
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        from edgeacc_ray.builtin_models import resolve_model
+
+        self.config = config
+        if config.device == "cpu":
+            configure_cpu(config.num_threads)
+        self.model_path = resolve_model(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model, self.args = load_model(self.model_path, config.dtype, config.device)
+        self.dtype = model.lm_head.weight.dtype
+        page_bytes = kv_page_bytes(self.args, config.page_size, self.dtype)
+        num_pages = config.num_pages or int(config.kv_cache_memory_gb * 2**30 // page_bytes)
+        if num_pages < 2:
+            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds fewer than 2 pages "
+                             f"of {page_bytes} bytes")
+        self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
+                                 num_pages * config.page_size)
+        self.runner = ModelRunner(model, self.args, num_pages, config.page_size)
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        admission = AdmissionPolicy(config.max_num_seqs, reserve_pages=max(1, num_pages // 100))
+        self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens)
+        self.eos_token_ids = self._eos_token_ids()
+        self.sequences: dict[str, Sequence] = {}
+        self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0)
+        torch.manual_seed(config.seed)
+
+    # -- requests -------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with a clear message when a request cannot run."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
+                             f"(max_model_len): at most {self.max_model_len - 1} prompt tokens leave room for output")
+        vocab = self.args.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        params.validate(vocab, self.config.max_logprobs)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic())
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
+                                                 params.skip_special_tokens)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is; its pages return at once. None if it is unknown or done."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self.counters["aborted"] += 1
+        return self._output(seq, [], [])
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward, sample, and return a chunk for every sequence that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        logits, samplers = self.runner.run(batch)
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            self.block_manager.commit_full_pages(seq)
+        outputs = []
+        if samplers:
+            tokens, logprobs = sample(logits, samplers)
+            now = time.monotonic()
+            for seq, token, logprob in zip(samplers, tokens, logprobs):
+                outputs.append(self._append_token(seq, token, logprob, now))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.counters["prompt"] += seq.num_prompt_tokens
+            self.counters["cached"] += seq.num_cached_tokens
+        seq.token_ids.append(token)
+        self.counters["generation"] += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        seq.detokenizer.add(token)
+        self._check_finished(seq, token)
+        if seq.finish_reason is not None:
+            self.sequences.pop(seq.request_id, None)
+            self.scheduler.finish(seq)
+            self.counters["finished"] += 1
+        return self._output(seq, [token], [logprob] if logprob is not None else [])
+
+    def _check_finished(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.detokenizer.matched_stop is not None:
+            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.matched_stop
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> RequestOutput:
+        finished = seq.finish_reason is not None
+        return RequestOutput(
+            request_id=seq.request_id, token_ids=tokens, text=seq.detokenizer.emit(finished), finished=finished,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens)
+
+    # -- introspection --------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        bm, c = self.block_manager, self.counters
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_free_pages=bm.num_free_pages, num_total_pages=bm.num_pages, page_size=bm.page_size,
+            num_cached_pages=bm.num_cached_pages, prompt_tokens_total=c["prompt"],
+            generation_tokens_total=c["generation"], cached_prompt_tokens_total=c["cached"],
+            requests_finished_total=c["finished"], requests_aborted_total=c["aborted"])
+
+    def flush_cache(self) -> bool:
+        self.block_manager.flush()
+        return True
+
+    @property
+    def model_info(self) -> dict:
+        return dict(model_path=str(self.model_path), architecture=self.args.architecture,
+                    max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
+                    eos_token_ids=sorted(self.eos_token_ids), page_size=self.config.page_size,
+                    num_pages=self.block_manager.num_pages, dtype=str(self.dtype).removeprefix("torch."),
+                    device=self.config.device)
+
+    def _eos_token_ids(self) -> set[int]:
+        from transformers import GenerationConfig
+
+        ids: set[int] = set()
+        try:
+            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids

@@ -1,0 +1,87 @@
+"""Owns the model and the KV page pool; turns a scheduled batch into tensors and runs one forward."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgeacc_ray.engine.scheduler import ScheduledBatch
+from edgeacc_ray.engine.sequence import Sequence
+from edgeacc_ray.models.attention import AttentionMetadata, PrefillChunk
+from edgeacc_ray.models.config import ModelArgs
+from edgeacc_ray.models.qwen3 import CausalLM
+
+
+def kv_page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes across all layers (keys and values)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return args.num_layers * 2 * args.num_kv_heads * page_size * args.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int) -> None:
+        self.model = model
+        self.args = args
+        self.page_size = page_size
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        shape = (args.num_layers, 2, args.num_kv_heads, num_pages, page_size, args.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute KV for every scheduled token; return logits [S, vocab] for the S sequences
+        whose last token was computed (those that sample), and the sequences themselves."""
+        input_ids, positions, meta, sample_rows, samplers = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not samplers:
+            return torch.empty(0, self.args.vocab_size), []
+        rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
+        return self.model.logits(rows).cpu(), samplers
+
+    def _prepare(self, batch: ScheduledBatch):
+        size = self.page_size
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        sample_rows: list[int] = []
+        samplers: list[Sequence] = []
+        prefills: list[PrefillChunk] = []
+        for index, (seq, n) in enumerate(batch.items):
+            start = seq.num_computed_tokens
+            row = len(ids)
+            ids.extend(seq.token_ids[start:start + n])
+            pos = np.arange(start, start + n)
+            table = np.asarray(seq.page_table)
+            positions.append(pos)
+            slots.append(table[pos // size] * size + pos % size)
+            if index >= batch.num_decode:
+                pages = torch.from_numpy(table[:-(-(start + n) // size)]).to(self.device)
+                prefills.append(PrefillChunk(row, n, start + n, pages))
+            if start + n == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                samplers.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            num_decode=batch.num_decode,
+            decode_page_table=None,
+            decode_mask=None,
+            prefills=prefills,
+        )
+        if batch.num_decode:
+            meta.decode_page_table, meta.decode_mask = self._decode_tables(batch.items[:batch.num_decode])
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.from_numpy(np.concatenate(positions)).to(dev), meta, sample_rows, samplers)
+
+    def _decode_tables(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page table padded with page 0, and a mask that hides the padding, for the decode rows."""
+        lengths = np.array([seq.num_computed_tokens + 1 for seq, _ in items])
+        max_pages = int(-(-lengths.max() // self.page_size))
+        table = np.zeros((len(items), max_pages), dtype=np.int64)
+        for row, (seq, _) in enumerate(items):
+            pages = seq.page_table[:max_pages]
+            table[row, :len(pages)] = pages
+        span = np.arange(max_pages * self.page_size)
+        mask = np.where(span[None, :] < lengths[:, None], 0.0, -np.inf).astype(np.float32)
+        return torch.from_numpy(table).to(self.device), torch.from_numpy(mask).to(self.device)

@@ -1,0 +1,23 @@
+"""Process-level CPU settings for the engine (DESIGN §5)."""
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def configure_cpu(num_threads: int) -> None:
+    """Pin torch to `num_threads` compute threads and stop glibc from returning large activation
+    buffers to the OS after every op: with the default mmap threshold each fresh multi-MB tensor
+    costs page faults (a 4 MB gather measured 0.8 ms instead of 0.19 ms here)."""
+    torch.set_num_threads(num_threads)
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
+        except OSError:
+            pass

@@ -1,0 +1,58 @@
+"""Offline API in the style of vLLM/SGLang: `LLM(model).generate(prompts, sampling_params)`."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence as Seq
+
+from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine.outputs import CompletionOutput
+from edgeacc_ray.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Runs a batch of prompts to completion with continuous batching, in this process."""
+
+    def __init__(self, model: str = "tiny", **engine_args: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for tokens, p in zip(token_lists, params_list):  # all or nothing: check before queuing any
+            self.engine.check_request(tokens, p)
+        request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for request_id, tokens, p in zip(request_ids, token_lists, params_list):
+            self.engine.add_request(request_id, tokens, p)
+        results: dict[str, CompletionOutput] = {
+            rid: CompletionOutput(rid, tokens, [], "", None) for rid, tokens in zip(request_ids, token_lists)}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                result = results[out.request_id]
+                result.token_ids.extend(out.token_ids)
+                result.text += out.text
+                if out.logprobs is not None:
+                    result.logprobs = (result.logprobs or []) + out.logprobs
+                if out.finished:
+                    result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
+                    result.num_cached_tokens = out.num_cached_tokens
+        return [results[rid] for rid in request_ids]
+
+    def chat(self, conversations: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None) -> list[CompletionOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
