@@ -25,7 +25,8 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         shape = (args.num_layers, 2, args.num_kv_heads, num_pages, page_size, args.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     @torch.inference_mode()
