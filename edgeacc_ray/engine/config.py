@@ -14,6 +14,7 @@ class EngineConfig:
     page_size: int = 16
     kv_cache_memory_gb: float = 1.0  # budget for the KV page pool; ignored when num_pages is set
     num_pages: int | None = None
+    decode_workspace_memory_gb: float = 1.0  # CPU: contiguous copy of decoding sequences' KV (0: off)
     max_num_seqs: int = 256  # upper bound on running sequences; the admission policy may allow fewer
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings, capped at 32768

@@ -40,7 +40,8 @@ class LLMEngine:
                              f"of {page_bytes} bytes")
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
                                  num_pages * config.page_size)
-        self.runner = ModelRunner(model, self.args, num_pages, config.page_size)
+        workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if config.device == "cpu" else 0
+        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         admission = AdmissionPolicy(config.max_num_seqs, reserve_pages=max(1, num_pages // 100))
         self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens)

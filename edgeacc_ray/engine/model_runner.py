@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgeacc_ray.engine.decode_workspace import DecodeWorkspace
 from edgeacc_ray.engine.scheduler import ScheduledBatch
 from edgeacc_ray.engine.sequence import Sequence
 from edgeacc_ray.models.attention import AttentionMetadata, PrefillChunk
@@ -18,7 +19,8 @@ def kv_page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int) -> None:
+    def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int,
+                 workspace_bytes: int = 0) -> None:
         self.model = model
         self.args = args
         self.page_size = page_size
@@ -28,6 +30,7 @@ class ModelRunner:
         # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
         self.kv_caches = list(self.kv_cache.unbind(0))
+        self.workspace = DecodeWorkspace(self.kv_cache, workspace_bytes) if workspace_bytes else None
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
@@ -63,26 +66,44 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 samplers.append(seq)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            num_decode=batch.num_decode,
-            decode_page_table=None,
-            decode_mask=None,
-            prefills=prefills,
-        )
+        meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+                                 num_decode=batch.num_decode, decode_mask=None, prefills=prefills)
         if batch.num_decode:
-            meta.decode_page_table, meta.decode_mask = self._decode_tables(batch.items[:batch.num_decode])
+            decodes = [seq for seq, _ in batch.items[:batch.num_decode]]
+            rows = self.workspace.prepare(decodes) if self.workspace is not None else None
+            if rows is None:
+                meta.decode_page_table, meta.decode_mask = self._decode_tables(decodes)
+            else:
+                self._workspace_tables(meta, decodes, rows)
         return (torch.tensor(ids, dtype=torch.long, device=dev),
                 torch.from_numpy(np.concatenate(positions)).to(dev), meta, sample_rows, samplers)
 
-    def _decode_tables(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_tables(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Page table padded with page 0, and a mask that hides the padding, for the decode rows."""
-        lengths = np.array([seq.num_computed_tokens + 1 for seq, _ in items])
+        lengths = np.array([seq.num_computed_tokens + 1 for seq in seqs])
         max_pages = int(-(-lengths.max() // self.page_size))
-        table = np.zeros((len(items), max_pages), dtype=np.int64)
-        for row, (seq, _) in enumerate(items):
+        table = np.zeros((len(seqs), max_pages), dtype=np.int64)
+        for row, seq in enumerate(seqs):
             pages = seq.page_table[:max_pages]
             table[row, :len(pages)] = pages
-        span = np.arange(max_pages * self.page_size)
-        mask = np.where(span[None, :] < lengths[:, None], 0.0, -np.inf).astype(np.float32)
-        return torch.from_numpy(table).to(self.device), torch.from_numpy(mask).to(self.device)
+        return torch.from_numpy(table).to(self.device), self._mask(lengths, max_pages * self.page_size)
+
+    def _workspace_tables(self, meta: AttentionMetadata, seqs: list[Sequence], rows: list[int]) -> None:
+        """Where each decode token goes in the workspace, and the mask over the rows in use
+        (free rows between them get length 1, so their softmax stays finite; their output is dropped)."""
+        buffer = self.workspace.buffer
+        num_rows, kv_heads, capacity = self.workspace.rows_in_use(), buffer.shape[3], buffer.shape[4]
+        positions = np.array([seq.num_computed_tokens for seq in seqs])
+        row_ids = np.asarray(rows)
+        slots = ((row_ids[:, None] * kv_heads + np.arange(kv_heads)[None, :]) * capacity + positions[:, None])
+        lengths = np.ones(num_rows, dtype=np.int64)
+        lengths[row_ids] = positions + 1
+        meta.workspace = buffer
+        meta.workspace_slots = torch.from_numpy(slots.reshape(-1)).to(self.device)
+        identity = num_rows == len(rows) and rows == list(range(num_rows))
+        meta.workspace_rows = None if identity else torch.from_numpy(row_ids).to(self.device)
+        meta.decode_mask = self._mask(lengths, capacity)
+
+    def _mask(self, lengths: np.ndarray, span: int) -> torch.Tensor:
+        mask = np.where(np.arange(span)[None, :] < lengths[:, None], 0.0, -np.inf).astype(np.float32)
+        return torch.from_numpy(mask).to(self.device)

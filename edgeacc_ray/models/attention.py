@@ -1,8 +1,9 @@
 """Attention over a paged KV pool: write the new keys/values into their slots, then attend.
 
 A layer's pool is one tensor [2, num_kv_heads, num_pages, page_size, head_dim] (keys, values).
-Decode rows (one query token per sequence) are attended as one padded batch; prefill chunks one
-sequence at a time with a causal mask offset by the context already cached.
+Decode rows (one query token per sequence) are attended as one padded batch, either in place in a
+decode workspace (engine/decode_workspace.py: a contiguous row per sequence) or from pages gathered
+on the fly; prefill chunks one sequence at a time with a causal mask offset by the cached context.
 """
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot (page * page_size + offset) of every new token
     num_decode: int  # rows [0, num_decode) are decode tokens, one per sequence
-    decode_page_table: torch.Tensor | None  # [num_decode, max_pages], padded with page 0
-    decode_mask: torch.Tensor | None  # [num_decode, max_pages * page_size] additive, -inf past the context
+    decode_mask: torch.Tensor | None  # [rows, length] additive, -inf past each row's context (workspace
+                                      # path: length is the workspace capacity)
     prefills: list[PrefillChunk]
+    decode_page_table: torch.Tensor | None = None  # pages path: [num_decode, max_pages], padded with page 0
+    workspace: torch.Tensor | None = None  # workspace path: [layers, 2, rows, Hkv, length, D]
+    workspace_slots: torch.Tensor | None = None  # [num_decode * Hkv] flat (row, head, position) of new tokens
+    workspace_rows: torch.Tensor | None = None  # [num_decode] row of each decode query; None if rows == range
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    workspace: torch.Tensor | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the new tokens; returns [T, H * D]."""
     num_kv_heads, num_pages, page_size, head_dim = kv_cache.shape[1:]
     slots = kv_cache.view(2, num_kv_heads, num_pages * page_size, head_dim)
@@ -38,8 +43,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     pages = kv_cache.view(2, num_kv_heads, num_pages, page_size * head_dim)
     q = q * scale
     outs = []
-    if meta.num_decode:
-        outs.append(_decode_attention(q[:meta.num_decode], pages, meta, page_size, head_dim))
+    d = meta.num_decode
+    if d and workspace is not None:
+        outs.append(_workspace_attention(q[:d], k[:d], v[:d], workspace, meta))
+    elif d:
+        outs.append(_paged_decode_attention(q[:d], pages, meta, head_dim))
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.context_len == chunk.num_tokens:  # nothing cached before: attend the fresh k/v
@@ -58,8 +66,28 @@ def _gather(pages: torch.Tensor, page_ids: torch.Tensor, head_dim: int, length: 
     return kv[0, :, :length], kv[1, :, :length]
 
 
-def _decode_attention(q: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata,
-                      page_size: int, head_dim: int) -> torch.Tensor:
+def _workspace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, workspace: torch.Tensor,
+                         meta: AttentionMetadata) -> torch.Tensor:
+    """Append the new k/v to each sequence's workspace row, then attend rows in place (no gather)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = workspace.shape[2]
+    flat = workspace.view(2, -1, head_dim)
+    flat[0].index_copy_(0, meta.workspace_slots, k.reshape(-1, head_dim))
+    flat[1].index_copy_(0, meta.workspace_slots, v.reshape(-1, head_dim))
+    rows, length = meta.decode_mask.shape
+    qg = q.view(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
+    if meta.workspace_rows is not None:
+        qg = qg.new_zeros((rows,) + qg.shape[1:]).index_copy_(0, meta.workspace_rows, qg)
+    keys, values = workspace[0, :rows], workspace[1, :rows]  # [R, Hkv, L, D], contiguous: L is the capacity
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() + meta.decode_mask[:, None, None, :]
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)  # [R, Hkv, G, D]
+    if meta.workspace_rows is not None:
+        out = out.index_select(0, meta.workspace_rows)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def _paged_decode_attention(q: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata,
+                            head_dim: int) -> torch.Tensor:
     batch, num_heads, _ = q.shape
     num_kv_heads = pages.shape[1]
     table = meta.decode_page_table

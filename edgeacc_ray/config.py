@@ -1,0 +1,214 @@
+"""The serving settings: one pydantic model, read from the YAML `args` and the environment.
+
+Precedence, lowest first: defaults < environment variables < `args` (serve_config.yaml or `build_app`).
+The environment understands the EdgeAcc-SGLang image's variables (`MODEL_PATH`, `SERVED_MODEL_NAME`,
+`SERVER_HOST`, `SERVER_PORT`, `TENSOR_PARALLEL_SIZE`, `ENABLE_EDGE_ACC`) and `EDGEACC_<FIELD>` for
+every field (e.g. `EDGEACC_API_KEY`, `EDGEACC_STREAM_INTERVAL`). Unknown keys are errors, and every
+error names the field (and the variable it came from).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Variables of the EdgeAcc-SGLang Docker image -> fields.
+IMAGE_ENV_VARS: dict[str, str] = {
+    "MODEL_PATH": "model",
+    "SERVED_MODEL_NAME": "served_model_name",
+    "SERVER_HOST": "host",
+    "SERVER_PORT": "port",
+    "TENSOR_PARALLEL_SIZE": "tensor_parallel_size",
+    "ENABLE_EDGE_ACC": "enable_edge_acc",
+}
+ENV_PREFIX = "EDGEACC_"
+
+
+class ConfigError(ValueError):
+    """Invalid serving settings; the message names each bad field and where it came from."""
+
+
+class ServeConfig(BaseModel):
+    """Everything `build_app` needs: what to serve, how to expose it, engine knobs, Ray placement."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # What to serve.
+    model: str = Field("tiny", min_length=1, description="HF folder or built-in model name ('tiny', 'small')")
+    served_model_name: str | None = Field(None, description="name clients use in `model`; default: `model`")
+    backend: Literal["native"] = "native"
+
+    # HTTP. host/port are the Serve proxy's (see `http_options` / `python -m deployments.launch`).
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
+    max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+
+    # Parallelism and the EdgeAcc feature set.
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_edge_acc: bool = False
+
+    # Engine.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    page_size: int = Field(16, ge=1)
+    kv_cache_memory_gb: float = Field(1.0, gt=0)
+    num_pages: int | None = Field(None, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=1)
+    num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process")
+    enable_prefix_caching: bool = True
+    stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at least (SGLang --stream-interval)")
+    max_logprobs: int = Field(20, ge=0)
+    seed: int = 0
+
+    # Ray placement and Serve options.
+    engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica; fractions share a device")
+    engine_num_cpus: float = Field(0.0, ge=0, description="CPUs Ray accounts per engine replica (0: fits any box)")
+    engine_cpu_cores: list[int] | None = Field(None, description="pin the engine process to these cores")
+    engine_resources: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
+    engine_max_ongoing_requests: int = Field(1024, ge=1)
+    ingress_num_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1, description="Serve queue bound per handle; -1 unbounded")
+
+    @field_validator("engine_cpu_cores")
+    @classmethod
+    def _cores_exist(cls, cores: list[int] | None) -> list[int] | None:
+        if cores is None:
+            return None
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        if not cores:
+            raise ValueError("must name at least one core or be null")
+        if available is not None and any(c not in available for c in cores):
+            raise ValueError(f"cores {cores} are not all available on this machine (available: {available})")
+        return sorted(set(cores))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.backend == "native" and self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: the native backend runs each engine on one "
+                "device; use tensor_parallel_size=1 (or the sglang backend on GPU nodes)"
+            )
+        if self.device == "cuda" and self.engine_num_gpus <= 0:
+            raise ValueError("device='cuda' needs engine_num_gpus > 0 so Ray gives the engine a GPU")
+        if self.engine_num_gpus > 1 and self.engine_num_gpus != int(self.engine_num_gpus):
+            raise ValueError(f"engine_num_gpus={self.engine_num_gpus}: fractions must be <= 1")
+        if self.max_model_len is not None and self.num_pages is not None:
+            if self.num_pages * self.page_size < self.max_model_len:
+                raise ValueError(
+                    f"num_pages*page_size={self.num_pages * self.page_size} tokens cannot hold one sequence of "
+                    f"max_model_len={self.max_model_len} tokens"
+                )
+        return self
+
+    # ---- derived ----------------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        """The name clients pass as `model` (SGLang: --served-model-name, default the model path)."""
+        return self.served_model_name or self.model
+
+    def engine_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        if self.engine_num_gpus > 0:
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    return "cuda"
+            except Exception:  # pragma: no cover - torch always present in practice
+                pass
+        return "cpu"
+
+    def engine_config_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `edgeacc_ray.engine.config.EngineConfig` (device left 'auto')."""
+        return dict(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.engine_device(),
+            page_size=self.page_size,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            num_pages=self.num_pages,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            num_threads=self.num_threads,
+            enable_prefix_caching=self.enable_prefix_caching,
+            stream_interval=self.stream_interval,
+            max_logprobs=self.max_logprobs,
+            seed=self.seed,
+        )
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as /get_server_info shows them (the API key hidden)."""
+        data = self.model_dump()
+        if data.get("api_key"):
+            data["api_key"] = "***"
+        return data
+
+    # ---- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_sources(cls, args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "ServeConfig":
+        """Defaults < environment < args. Raise ConfigError naming each invalid field and its source."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        source: dict[str, str] = {}
+        fields = cls.model_fields
+        for name in fields:
+            var = ENV_PREFIX + name.upper()
+            if env.get(var, "") != "":
+                values[name] = _env_value(name, env[var])
+                source[name] = f"env {var}={env[var]!r}"
+        for var, name in IMAGE_ENV_VARS.items():  # the image's names win over EDGEACC_* duplicates
+            if env.get(var, "") != "":
+                values[name] = _env_value(name, env[var])
+                source[name] = f"env {var}={env[var]!r}"
+        for key, value in dict(args or {}).items():
+            values[key] = value
+            source[key] = "args"
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, source)) from None
+
+
+def _env_value(name: str, raw: str) -> Any:
+    """Environment strings are parsed by pydantic; list/dict fields take JSON or comma lists."""
+    if name == "engine_cpu_cores":
+        raw = raw.strip()
+        if raw.startswith("["):
+            import json
+
+            return json.loads(raw)
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if name == "engine_resources":
+        import json
+
+        return json.loads(raw)
+    if raw.strip().lower() in ("none", "null") and name in ("served_model_name", "api_key", "num_pages", "max_model_len"):
+        return None
+    return raw
+
+
+def _describe(exc: ValidationError, source: Mapping[str, str]) -> str:
+    lines = [f"invalid EdgeAcc serving config ({exc.error_count()} error{'s' if exc.error_count() > 1 else ''}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = f" (from {source[field]})" if field in source else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting; known settings: " + ", ".join(ServeConfig.model_fields)
+        elif not err["loc"]:  # model-level check: its message starts with the field name
+            loc = re.split(r"[=\s]", msg, maxsplit=1)[0]
+            where = f" (from {source[loc]})" if loc in source else ""
+        lines.append(f"  {loc}{where}: {msg}")
+    return "\n".join(lines)
