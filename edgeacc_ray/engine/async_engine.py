@@ -1,0 +1,165 @@
+"""The engine for servers: the step loop runs in a background thread; callers on an asyncio loop
+get each request's output as an async stream of chunks.
+
+All scheduler state is touched by the engine thread only: `generate` and `abort` post commands to
+it, and it posts chunks back onto the caller's event loop. A chunk carries every token produced
+since the caller last read, and at least `stream_interval` tokens unless the request finished.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
+from edgeacc_ray.engine.sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._running = True
+        self._error: BaseException | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="edgeacc-engine", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    # -- public API (any thread / event loop) ---------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_info(self) -> dict:
+        return self.engine.model_info
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_token_ids, params)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Stream a request's output; leaving the loop early (or cancellation) aborts the request."""
+        self._raise_if_dead()
+        self.check_request(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = (loop, chunks)
+        self._post(lambda: self._add(request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                merged = await self._next_chunk(chunks)
+                finished = merged.finished
+                yield merged
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._post(lambda: self.engine.abort(request_id))
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()  # counters are plain ints: a racy but consistent-enough snapshot
+
+    def flush_cache(self) -> bool:
+        done: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._post(lambda: done.put(self.engine.flush_cache()))
+        return done.get(timeout=60)
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+
+    # -- caller side ----------------------------------------------------------------------------
+    async def _next_chunk(self, chunks: asyncio.Queue) -> RequestOutput:
+        """Wait for output, then merge everything queued, until stream_interval tokens or the end."""
+        merged: RequestOutput | None = None
+        while True:
+            item = await chunks.get()
+            while True:
+                if isinstance(item, BaseException):
+                    raise item
+                merged = item if merged is None else _merge(merged, item)
+                if chunks.empty():
+                    break
+                item = chunks.get_nowait()
+            if merged.finished or len(merged.token_ids) >= self.config.stream_interval:
+                return merged
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _raise_if_dead(self) -> None:
+        if self._error is not None or not self._running:
+            raise RuntimeError(f"the engine is not running: {self._error!r}")
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self, ready: threading.Event) -> None:
+        try:
+            self.engine = LLMEngine(self.config)
+        except BaseException as exc:  # reported by __init__
+            self._error = exc
+            ready.set()
+            return
+        ready.set()
+        try:
+            while self._running:
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+        except BaseException as exc:
+            self._error = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, RuntimeError(f"engine failed: {exc!r}"))
+            raise
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id not in self._streams:  # aborted before it reached the engine
+            return
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params)
+        except ValueError as exc:
+            self._deliver(request_id, exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, chunks = stream
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """b follows a: concatenate the new tokens, text and logprobs; take b's status and counts."""
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return RequestOutput(
+        request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finished=b.finished,
+        finish_reason=b.finish_reason, stop_reason=b.stop_reason, logprobs=logprobs,
+        num_prompt_tokens=b.num_prompt_tokens, num_cached_tokens=b.num_cached_tokens,
+        num_output_tokens=b.num_output_tokens)
