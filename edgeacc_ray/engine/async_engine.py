@@ -71,6 +71,10 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._post(lambda: self.engine.abort(request_id))
 
+    def is_alive(self) -> bool:
+        """True while the step loop runs (health checks)."""
+        return self._thread.is_alive() and self._error is None
+
     def stats(self) -> EngineStats:
         return self.engine.stats()  # counters are plain ints: a racy but consistent-enough snapshot
 
