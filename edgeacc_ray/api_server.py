@@ -736,7 +736,7 @@ class ApiServer:
             internal = {}
             if stats is not None:
                 internal = {"num_running_reqs": stats.num_running, "num_queue_reqs": stats.num_waiting,
-                            "token_usage": stats.kv_usage, "cache_hit_rate": stats.cache_hit_rate,
+                            "token_usage": min(max(stats.kv_usage, 0.0), 1.0), "cache_hit_rate": stats.cache_hit_rate,
                             "num_free_pages": stats.num_free_pages, "num_total_pages": stats.num_total_pages,
                             "num_cached_pages": stats.num_cached_pages,
                             "requests_finished_total": stats.requests_finished_total,

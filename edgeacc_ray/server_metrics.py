@@ -116,11 +116,12 @@ class ServerMetrics:
         if stats is not None:
             metric("sglang:num_running_reqs", "gauge", "The number of running requests", stats.num_running)
             metric("sglang:num_queue_reqs", "gauge", "The number of requests in the waiting queue", stats.num_waiting)
-            used_pages = stats.num_total_pages - stats.num_free_pages - stats.num_cached_pages
+            usage = min(max(stats.kv_usage, 0.0), 1.0)
+            used_pages = round(usage * stats.num_total_pages)
             metric("sglang:num_used_tokens", "gauge", "The number of used tokens", used_pages * stats.page_size)
             metric("sglang:max_total_num_tokens", "gauge", "Maximum total number of tokens",
                    stats.num_total_pages * stats.page_size)
-            metric("sglang:token_usage", "gauge", "The token usage", stats.kv_usage)
+            metric("sglang:token_usage", "gauge", "The token usage", usage)
             metric("sglang:cache_hit_rate", "gauge", "The cache hit rate", stats.cache_hit_rate)
             metric("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                    stats.prompt_tokens_total)
