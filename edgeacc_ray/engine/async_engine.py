@@ -69,7 +69,8 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._post(lambda: self.engine.abort(request_id))
+        """Stop a request; its stream (if someone still reads it) ends with finish_reason "abort"."""
+        self._post(lambda: self._abort(request_id))
 
     def is_alive(self) -> bool:
         """True while the step loop runs (health checks)."""
@@ -143,6 +144,11 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             command()
+
+    def _abort(self, request_id: str) -> None:
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._deliver(request_id, out)
 
     def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id not in self._streams:  # aborted before it reached the engine

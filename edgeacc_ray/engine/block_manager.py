@@ -58,7 +58,9 @@ class BlockManager:
             seq.page_table.append(page)
             seq.page_keys.append(key)
             parent = key
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.page_table) * size
+        seq.num_computed_tokens = len(seq.page_table) * size
+        if seq.num_output_tokens == 0:  # a preempted sequence keeps the count of its first admission
+            seq.num_cached_tokens = seq.num_computed_tokens
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Extend seq's page table to hold num_tokens tokens; False (and no change) if pages run out."""

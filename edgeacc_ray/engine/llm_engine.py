@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one scheduled forward per `step()`, output chunks out."""
 from __future__ import annotations
 
+import numbers
 import time
 
 import torch
@@ -60,7 +61,7 @@ class LLMEngine:
             raise ValueError(f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
                              f"(max_model_len): at most {self.max_model_len - 1} prompt tokens leave room for output")
         vocab = self.args.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         params.validate(vocab, self.config.max_logprobs)
@@ -69,7 +70,7 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, arrival_time=time.monotonic())
+        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                                  params.skip_special_tokens)
         self.sequences[request_id] = seq

@@ -65,8 +65,8 @@ class EngineStats:
 
     @property
     def kv_usage(self) -> float:
-        """Fraction of pages held by live sequences (cached-but-free pages count as free)."""
-        used = self.num_total_pages - self.num_free_pages - self.num_cached_pages
+        """Fraction of pages held by live sequences (cached-but-unreferenced pages count as free)."""
+        used = self.num_total_pages - self.num_free_pages
         return used / max(self.num_total_pages, 1)
 
     @property

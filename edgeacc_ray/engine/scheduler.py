@@ -66,7 +66,6 @@ class Scheduler:
             needed = self.block_manager.pages_needed(seq, seq.num_computed_tokens + n)
             if not self.admission.can_admit(len(self.running), self.block_manager.num_free_pages, needed):
                 self.block_manager.free(seq)
-                seq.num_cached_tokens = 0
                 break
             self.block_manager.allocate(seq, seq.num_computed_tokens + n)
             self.waiting.popleft()
