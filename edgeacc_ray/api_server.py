@@ -25,9 +25,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.outputs import RequestOutput
 from edgeacc_ray.engine.sampling_params import SamplingParams
-from edgeacc_ray.protocol import (APIError, ChatCompletionRequest, CompletionRequest, GenerateRequest, TokenText,
-                                  chat_logprobs, completion_logprobs, error_body, new_id, now,
-                                  sglang_finish_reason, usage_dict)
+from edgeacc_ray.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EngineRequestError,
+    EngineUnavailable,
+    GenerateRequest,
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+    sglang_finish_reason,
+    usage_dict,
+)
 from edgeacc_ray.server_metrics import ServerMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -159,8 +172,6 @@ class _EngineRequest:
             self.server.metrics.finished(time.perf_counter() - self.t0, self._ttft, self._num_out, aborted)
 
     def _translate(self, exc: Exception) -> APIError:
-        from deployments.engine_client import EngineRequestError, EngineUnavailable
-
         if isinstance(exc, EngineRequestError):
             msg = str(exc)
             field = msg.split(" ", 1)[0]
@@ -321,7 +332,8 @@ class ApiServer:
         if len(ids) >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
                            f"{len(ids)} tokens, which leaves no room for output (at most {limit - 1} prompt "
-                           "tokens). Please reduce the length of the prompt.", param=param, code="context_length_exceeded")
+                           "tokens). Please reduce the length of the prompt.", param=param,
+                           code="context_length_exceeded")
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab][:5]
             raise APIError(400, f"the prompt has token ids outside the vocabulary [0, {vocab}): {bad}", param=param)
@@ -548,7 +560,8 @@ class ApiServer:
         t0 = time.perf_counter()
         self._require_ready()
         batch, items = req.items()
-        names = {"max_tokens": "sampling_params.max_new_tokens", "prompt": "text" if req.text is not None else "input_ids"}
+        names = {"max_tokens": "sampling_params.max_new_tokens",
+                 "prompt": "text" if req.text is not None else "input_ids"}
         names.update({f: f"sampling_params.{f}" for f in SAMPLING_FIELDS if f not in names})
         names["logprobs"] = "top_logprobs_num"
         prepared = []
@@ -642,6 +655,9 @@ class ApiServer:
             yield
             if server._ready_task is not None:
                 server._ready_task.cancel()
+            close = getattr(server.client, "close", None)
+            if close is not None:
+                await close()
 
         app = FastAPI(title="EdgeAcc-Ray", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 

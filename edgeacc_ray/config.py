@@ -62,7 +62,8 @@ class ServeConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process")
     enable_prefix_caching: bool = True
-    stream_interval: int = Field(1, ge=1, description="tokens per streamed chunk at least (SGLang --stream-interval)")
+    stream_interval: int = Field(4, ge=1, description="tokens per streamed chunk after the first, at least "
+                                 "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
     max_logprobs: int = Field(20, ge=0)
     seed: int = 0
 
@@ -75,6 +76,8 @@ class ServeConfig(BaseModel):
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     max_queued_requests: int = Field(-1, ge=-1, description="Serve queue bound per handle; -1 unbounded")
+    engine_stream_mode: Literal["multiplexed", "per_request"] = Field(
+        "multiplexed", description="one output stream per Ingress replica for all its requests, or one per request")
 
     @field_validator("engine_cpu_cores")
     @classmethod
@@ -193,7 +196,8 @@ def _env_value(name: str, raw: str) -> Any:
         import json
 
         return json.loads(raw)
-    if raw.strip().lower() in ("none", "null") and name in ("served_model_name", "api_key", "num_pages", "max_model_len"):
+    nullable = ("served_model_name", "api_key", "num_pages", "max_model_len")
+    if raw.strip().lower() in ("none", "null") and name in nullable:
         return None
     return raw
 

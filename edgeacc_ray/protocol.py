@@ -29,6 +29,14 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+class EngineRequestError(ValueError):
+    """The engine refused a request (bad input); the message says why. Answered with HTTP 400."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine side cannot take requests now (not placed yet, dead, overloaded). HTTP 503."""
+
+
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -203,7 +211,8 @@ class GenerateSamplingParams(BaseModel):
                 raise APIError(400, f"sampling_params.{name}: constrained decoding is not supported",
                                param=f"sampling_params.{name}")
         if self.min_new_tokens:
-            raise APIError(400, "sampling_params.min_new_tokens is not supported", param="sampling_params.min_new_tokens")
+            raise APIError(400, "sampling_params.min_new_tokens is not supported",
+                           param="sampling_params.min_new_tokens")
         if self.no_stop_trim:
             raise APIError(400, "sampling_params.no_stop_trim is not supported", param="sampling_params.no_stop_trim")
         if self.logit_bias:

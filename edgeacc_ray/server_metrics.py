@@ -32,7 +32,10 @@ def _labels(labels: dict[str, str], extra: tuple[str, str] | None = None) -> str
         items.insert(0, extra)
     if not items:
         return ""
-    body = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in items)
+    def esc(v: object) -> str:
+        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    body = ",".join(f'{k}="{esc(v)}"' for k, v in items)
     return "{" + body + "}"
 
 

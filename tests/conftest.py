@@ -22,7 +22,7 @@ SERVE_TEST_ARGS = {
     "served_model_name": "tiny",
     "kv_cache_memory_gb": 0.25,
     "num_threads": 1,
-    "stream_interval": 1,
+    "stream_interval": 4,
 }
 
 

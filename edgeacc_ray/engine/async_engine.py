@@ -3,7 +3,8 @@ get each request's output as an async stream of chunks.
 
 All scheduler state is touched by the engine thread only: `generate` and `abort` post commands to
 it, and it posts chunks back onto the caller's event loop. A chunk carries every token produced
-since the caller last read, and at least `stream_interval` tokens unless the request finished.
+since the caller last read; after the first token (which leaves at once, as with SGLang's
+--stream-interval) at least `stream_interval` tokens unless the request finished.
 """
 from __future__ import annotations
 
@@ -57,11 +58,11 @@ class AsyncLLMEngine:
         chunks: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = (loop, chunks)
         self._post(lambda: self._add(request_id, prompt_token_ids, params))
-        finished = False
+        finished, interval = False, 1
         try:
             while not finished:
-                merged = await self._next_chunk(chunks)
-                finished = merged.finished
+                merged = await self._next_chunk(chunks, interval)
+                finished, interval = merged.finished, self.config.stream_interval
                 yield merged
         finally:
             self._streams.pop(request_id, None)
@@ -90,8 +91,8 @@ class AsyncLLMEngine:
         self._thread.join(timeout=30)
 
     # -- caller side ----------------------------------------------------------------------------
-    async def _next_chunk(self, chunks: asyncio.Queue) -> RequestOutput:
-        """Wait for output, then merge everything queued, until stream_interval tokens or the end."""
+    async def _next_chunk(self, chunks: asyncio.Queue, interval: int) -> RequestOutput:
+        """Wait for output, then merge everything queued, until `interval` tokens or the end."""
         merged: RequestOutput | None = None
         while True:
             item = await chunks.get()
@@ -102,7 +103,7 @@ class AsyncLLMEngine:
                 if chunks.empty():
                     break
                 item = chunks.get_nowait()
-            if merged.finished or len(merged.token_ids) >= self.config.stream_interval:
+            if merged.finished or len(merged.token_ids) >= interval:
                 return merged
 
     def _post(self, command: Callable[[], None]) -> None:

@@ -1,0 +1,53 @@
+"""`build_app(args)`: the application `serve_config.yaml` imports (`deployments.app:build_app`).
+
+    serve run serve_config.yaml                      # args from the YAML, then the environment
+    serve run deployments.app:build_app model=tiny   # args on the command line
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from ray.serve import Application
+
+from deployments.engine_server import EngineServer
+from deployments.ingress import Ingress
+from edgeacc_ray.config import ConfigError, ServeConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+def resolve_model_path(model: str) -> str:
+    """An HF folder as given, or the folder of a built-in model (built on first use)."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    from edgeacc_ray.builtin_models import resolve_model
+
+    try:
+        return str(resolve_model(model))
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"invalid EdgeAcc serving config:\n  model: {model!r} is neither a model folder nor a "
+                          f"built-in model ({exc})") from None
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    """Validate the settings (args over environment) and bind Ingress -> EngineServer (colocated)."""
+    cfg = ServeConfig.from_sources(args)
+    model_path = resolve_model_path(cfg.model)
+    if cfg.enable_edge_acc:
+        logger.warning("enable_edge_acc=True: Semi-PD, KV offload and the dynamic queue are not wired into "
+                       "this build yet; serving with the colocated engine")
+    config = cfg.model_dump()
+    engine = EngineServer.options(
+        ray_actor_options={"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
+                           **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})},
+        max_ongoing_requests=cfg.engine_max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+    ).bind(config)
+    return Ingress.options(
+        num_replicas=cfg.ingress_num_replicas,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config, engine, model_path)

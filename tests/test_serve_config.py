@@ -1,0 +1,81 @@
+"""ServeConfig: YAML args over the EdgeAcc-SGLang image's environment; bad settings name their field."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edgeacc_ray.config import ConfigError, ServeConfig
+
+
+def test_defaults_serve_the_builtin_tiny_model_on_localhost():
+    cfg = ServeConfig.from_sources({}, env={})
+    assert (cfg.model, cfg.model_name, cfg.host, cfg.port) == ("tiny", "tiny", "127.0.0.1", 8000)
+    assert cfg.api_key is None and cfg.engine_num_cpus == 0 and cfg.tensor_parallel_size == 1
+
+
+def test_image_environment_variables():
+    env = {"MODEL_PATH": "small", "SERVED_MODEL_NAME": "qwen", "SERVER_HOST": "0.0.0.0", "SERVER_PORT": "30000",
+           "TENSOR_PARALLEL_SIZE": "1", "ENABLE_EDGE_ACC": "true", "EDGEACC_API_KEY": "sk-1",
+           "EDGEACC_STREAM_INTERVAL": "4", "EDGEACC_ENGINE_CPU_CORES": "0"}
+    cfg = ServeConfig.from_sources({}, env=env)
+    assert (cfg.model, cfg.model_name, cfg.host, cfg.port) == ("small", "qwen", "0.0.0.0", 30000)
+    assert cfg.enable_edge_acc is True and cfg.api_key == "sk-1" and cfg.stream_interval == 4
+    assert cfg.engine_cpu_cores == [0]
+    assert cfg.public_dict()["api_key"] == "***"
+
+
+def test_args_override_environment():
+    cfg = ServeConfig.from_sources({"model": "tiny", "port": 9000}, env={"MODEL_PATH": "small", "SERVER_PORT": "1"})
+    assert (cfg.model, cfg.port) == ("tiny", 9000)
+
+
+@pytest.mark.parametrize("args, env, field", [
+    ({"port": "http"}, {}, "port (from args)"),
+    ({}, {"SERVER_PORT": "99999"}, "port (from env SERVER_PORT='99999')"),
+    ({}, {"ENABLE_EDGE_ACC": "maybe"}, "enable_edge_acc (from env ENABLE_EDGE_ACC='maybe')"),
+    ({"stream_interval": 0}, {}, "stream_interval"),
+    ({"max_num_seqs": -1}, {}, "max_num_seqs"),
+    ({"dtype": "int3"}, {}, "dtype"),
+    ({"modle": "tiny"}, {}, "modle (from args): unknown setting"),
+    ({}, {"TENSOR_PARALLEL_SIZE": "2"}, "tensor_parallel_size (from env TENSOR_PARALLEL_SIZE='2')"),
+    ({"device": "cuda"}, {}, "device"),
+    ({"engine_num_gpus": 1.5}, {}, "engine_num_gpus"),
+    ({"engine_cpu_cores": [4096]}, {}, "engine_cpu_cores"),
+])
+def test_invalid_settings_name_the_field(args, env, field):
+    with pytest.raises(ConfigError) as info:
+        ServeConfig.from_sources(args, env=env)
+    assert field in str(info.value)
+
+
+def test_serve_config_yaml_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    with open("serve_config.yaml") as f:
+        doc = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(doc)
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 8000
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:build_app" and app.route_prefix == "/"
+    ServeConfig.from_sources(app.args, env={})  # its args are valid settings
+
+
+def test_build_app_rejects_bad_settings_before_deploying():
+    from deployments.app import build_app
+
+    with pytest.raises(ConfigError, match="max_request_body_bytes"):
+        build_app({"max_request_body_bytes": 1})
+    with pytest.raises(ConfigError, match="model: 'no-such-model'"):
+        build_app({"model": "no-such-model"})
+
+
+def test_build_app_binds_ingress_and_colocated_engine():
+    from deployments.app import build_app
+
+    app = build_app({"model": "tiny", "engine_num_gpus": 0.5, "ingress_num_replicas": 1})
+    ingress = app._bound_deployment
+    assert ingress.name == "Ingress"
+    engine = ingress.init_args[1]._bound_deployment
+    assert engine.name == "EngineServer"
+    assert engine.ray_actor_options["num_cpus"] == 0 and engine.ray_actor_options["num_gpus"] == 0.5
+    assert ingress.ray_actor_options["num_cpus"] == 0
