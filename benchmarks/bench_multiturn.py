@@ -36,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SUMMARY_KEYS = ("completed", "failed", "skipped", "duration_s", "request_throughput", "output_throughput",
                 "mean_ttft_ms", "mean_tpot_ms", "mean_e2e_ms", "mean_prompt_tokens",
-                "hit_rate_metrics", "hit_rate_usage", "hit_rate_ideal", "busy_cores_before")
+                "hit_rate_metrics", "hit_rate_usage", "hit_rate_ideal", "busy_cores_before",
+                "busy_cores_after")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -146,6 +147,7 @@ async def bench_target(
         per_conversation, duration, skipped = await run_conversations(
             client, target, model, conversations, args, tokenizer)
         after = await get_metrics_text(client, target.url)
+    busy_after = await cli.busy_cores(settle=True)
     flat = [r for rs in per_conversation for r in rs]
     counters = [cache_counters(parse_prometheus(t)) if t else None for t in (before, after)]
     ok = [r for r in flat if r.success]
@@ -155,6 +157,7 @@ async def bench_target(
         "max_concurrency": args.max_concurrency, "first_len": args.first_len, "turn_len": args.turn_len,
         "output_len": args.output_len, "ignore_eos": args.ignore_eos, "seed": args.seed,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "busy_cores_before": busy_before,
+        "busy_cores_after": busy_after,
         **summarize(flat, duration),
         "skipped": skipped,
         "mean_prompt_tokens": _mean([r.prompt_tokens for r in ok]),

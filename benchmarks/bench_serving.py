@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SUMMARY_KEYS = ("completed", "failed", "duration_s", "request_throughput", "output_throughput",
                 "total_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms",
-                "mean_e2e_ms", "concurrency", "busy_cores_before")
+                "mean_e2e_ms", "concurrency", "busy_cores_before", "busy_cores_after")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -107,7 +107,8 @@ async def run_benchmark(
     `concurrency` in flight).
 
     Returns the per-request results, the wall time from first send to last answer, and how busy the
-    host was: cores busy just before (all servers idle) and the client's own CPU seconds in the run.
+    host was: cores busy just before and just after (all servers idle), and the client's own CPU
+    seconds in the run.
     """
     chat = args.api == "chat"
     sem = asyncio.Semaphore(concurrency) if concurrency else None
@@ -134,8 +135,15 @@ async def run_benchmark(
                     await asyncio.sleep(arrivals.exponential(1.0 / request_rate))
             results = await asyncio.gather(*tasks)
             duration = time.perf_counter() - t0
-            host = {"busy_cores_before": busy_before, "client_cpu_s": time.process_time() - cpu0}
-            return list(results), duration, host
+            client_cpu = time.process_time() - cpu0
+    host = {"busy_cores_before": busy_before, "busy_cores_after": await cli.busy_cores(settle=True),
+            "client_cpu_s": client_cpu}
+    return list(results), duration, host
+
+
+async def _served_model(url: str, wanted: str) -> str:
+    async with make_client() as client:
+        return await served_model(client, url, wanted)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -171,11 +179,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               f"request rate {args.request_rate}, ignore_eos {args.ignore_eos}, seed {args.seed}\n")
     cli.finish(records, out, args.baseline, header)
     return records
-
-
-async def _served_model(url: str, wanted: str) -> str:
-    async with make_client() as client:
-        return await served_model(client, url, wanted)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from benchmarks.report import write_report
 from benchmarks.targets import Target, parse_target
 
 QUIET_TIMEOUT_S = 600.0
+HOST_SAMPLE_S = 1.0  # how long each look at the host's CPU lasts
+HOST_SETTLE_S = 1.0  # pause after a run before looking (the server winds down)
 
 
 def add_common_args(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, Any]]) -> None:
@@ -107,14 +109,14 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-async def busy_cores(seconds: float = 1.0) -> float | None:
-    """How many cores the machine kept busy over the next `seconds` (None off Linux).
-
-    Taken while the servers under test are idle, it shows what else is running on the machine."""
+async def busy_cores(settle: bool = False) -> float | None:
+    """How many cores the machine keeps busy over HOST_SAMPLE_S, after HOST_SETTLE_S if `settle`
+    (None off Linux). Taken while the servers under test are idle, it shows what else is running."""
     if not os.path.exists("/proc/stat"):
         return None
+    await asyncio.sleep(HOST_SETTLE_S if settle else 0.0)
     busy0, total0 = _cpu_jiffies()
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(HOST_SAMPLE_S)
     busy1, total1 = _cpu_jiffies()
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
@@ -124,7 +126,7 @@ async def quiet_host(max_busy: float | None, timeout: float = QUIET_TIMEOUT_S) -
     deadline = time.monotonic() + timeout
     busy = await busy_cores()
     while max_busy is not None and busy is not None and busy > max_busy and time.monotonic() < deadline:
-        busy = await busy_cores(2.0)
+        busy = await busy_cores()
     return busy
 
 

@@ -34,6 +34,7 @@ SWEEP_METRICS: tuple[tuple[str, str], ...] = (
     ("p99_e2e_ms", "P99 E2E latency (ms)"),
     ("failed", "Failed requests"),
     ("busy_cores_before", "Cores busy just before the run (other load; ~0 = quiet)"),
+    ("busy_cores_after", "Cores busy just after the run (other load; ~0 = quiet)"),
 )
 # One plot per family: (file stem, y label, keys drawn).
 SWEEP_PLOTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -63,6 +64,7 @@ MULTITURN_METRICS: tuple[tuple[str, str], ...] = (
     ("failed", "Failed requests"),
     ("skipped", "Rounds skipped after a failure"),
     ("busy_cores_before", "Cores busy just before the run (other load; ~0 = quiet)"),
+    ("busy_cores_after", "Cores busy just after the run (other load; ~0 = quiet)"),
 )
 _STYLES = {"mean": "-", "median": ":", "p99": "--"}
 

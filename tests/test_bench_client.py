@@ -19,8 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from benchmarks import bench_multiturn, bench_serving
-from benchmarks.cli import quiet_host
+from benchmarks import bench_multiturn, bench_serving, cli
 from benchmarks.client import stream_request
 from benchmarks.report import read_jsonl
 from benchmarks.targets import Target, parse_target, running
@@ -139,6 +138,13 @@ def fake_openai_app() -> Starlette:
                              Route("/v1/chat/completions", complete, methods=["POST"]), Route("/metrics", metrics)])
 
 
+@pytest.fixture(autouse=True)
+def fast_host_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Look at the host's CPU for 10 ms instead of seconds around each run."""
+    monkeypatch.setattr(cli, "HOST_SAMPLE_S", 0.01)
+    monkeypatch.setattr(cli, "HOST_SETTLE_S", 0.0)
+
+
 @pytest.fixture(scope="module")
 def fake_url() -> Iterator[str]:
     port = free_port()
@@ -182,5 +188,5 @@ def test_multiturn_measures_hit_rate_both_ways(fake_url: str, tiny_model_path: s
 
 
 async def test_quiet_host_reports_busy_cores() -> None:
-    busy = await quiet_host(max_busy=float(os.cpu_count() or 1), timeout=5.0)
+    busy = await cli.quiet_host(max_busy=float(os.cpu_count() or 1), timeout=5.0)
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 0.01
