@@ -36,6 +36,19 @@ def pin_process(cores: list[int]) -> None:
             pass
 
 
+def restore_priority() -> None:
+    """Undo the niceness Ray gives worker processes (15 by default, `RAY_worker_niceness`) for this
+    thread and the engine thread it starts: the engine is the work this box exists for, and at nice 15
+    it loses its core to every other process (the HTTP proxy, a benchmark client). Needs the
+    privilege to lower niceness (root or CAP_SYS_NICE); without it the process keeps Ray's value."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # Linux: this thread; threads started later inherit it
+    except OSError as exc:
+        logger.warning("EngineServer stays at Ray's worker niceness (%s); set RAY_worker_niceness=0 "
+                       "before `ray start`/`serve run` to avoid it", exc)
+
+
 class _Subscriber:
     """One caller's outbox: chunks of all its requests, handed out in batches."""
 
@@ -71,6 +84,7 @@ class EngineServer:
         cfg = ServeConfig.model_validate(config)
         if cfg.engine_cpu_cores:
             pin_process(cfg.engine_cpu_cores)
+        restore_priority()
         from edgeacc_ray.engine.async_engine import AsyncLLMEngine
         from edgeacc_ray.engine.config import EngineConfig
 
