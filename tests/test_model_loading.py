@@ -40,7 +40,7 @@ def test_sharded_checkpoint_loads_like_the_single_file(tiny_model_path, tmp_path
                                             ("float16", torch.float16), ("auto", torch.bfloat16)])
 def test_dtypes(tiny_model_path, dtype, expected):
     model, _ = load_model(tiny_model_path, dtype)
-    assert model.lm_head.weight.dtype == expected
+    assert model.model.embed_tokens.weight.dtype == expected
     assert model.inv_freq.dtype == torch.float32
 
 

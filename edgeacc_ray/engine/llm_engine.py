@@ -33,7 +33,7 @@ class LLMEngine:
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model, self.args = load_model(self.model_path, config.dtype, config.device)
-        self.dtype = model.lm_head.weight.dtype
+        self.dtype = model.model.embed_tokens.weight.dtype
         page_bytes = kv_page_bytes(self.args, config.page_size, self.dtype)
         num_pages = config.num_pages or int(config.kv_cache_memory_gb * 2**30 // page_bytes)
         if num_pages < 2:

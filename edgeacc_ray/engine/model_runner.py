@@ -24,8 +24,8 @@ class ModelRunner:
         self.model = model
         self.args = args
         self.page_size = page_size
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
         shape = (args.num_layers, 2, args.num_kv_heads, num_pages, page_size, args.head_dim)
         # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()

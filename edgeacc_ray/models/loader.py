@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from edgeacc_ray.models.config import ModelArgs
+from edgeacc_ray.models.packed_linear import can_pack, pack_linears
 from edgeacc_ray.models.qwen3 import CausalLM
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -67,6 +68,8 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tu
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if can_pack(model.model.embed_tokens.weight):
+        pack_linears(model)
     return model.eval().requires_grad_(False), args
 
 
