@@ -5,8 +5,9 @@ is anything with `model_info()`, `generate(request_id, prompt_token_ids, params)
 `RequestOutput` chunks), `stats()` and `flush_cache()` — see `deployments/engine_client.py`.
 
 Here: tokenization and the chat template, validation against the model's limits, fan-out for `n`,
-SSE framing, usage and logprobs, errors in OpenAI's shape, API key and body-size guards, and the
-request-level metrics. Detokenization is the engine's (incremental, UTF-8 safe, stop strings applied).
+SSE framing, usage and logprobs, errors in OpenAI's shape and the request-level metrics. The API key
+and body-size guard is `http_guard.py`; one engine request's life (first chunk up front, metrics,
+abort on close) is `request_stream.py`. Detokenization is the engine's (incremental, UTF-8 safe, stop strings applied).
 """
 from __future__ import annotations
 
@@ -15,40 +16,35 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.outputs import RequestOutput
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    EngineRequestError,
-    EngineUnavailable,
     GenerateRequest,
     TokenText,
     chat_logprobs,
     completion_logprobs,
-    error_body,
     new_id,
     now,
     sglang_finish_reason,
     usage_dict,
 )
+from edgeacc_ray.http_guard import ApiGuard
+from edgeacc_ray.request_stream import SAMPLING_FIELDS, Collected, EngineRequest, merge, start_all
 from edgeacc_ray.server_metrics import ServerMetrics
 
 logger = logging.getLogger("ray.serve")
 
 SSE_DONE = "data: [DONE]\n\n"
-AUTH_EXEMPT = ("/health", "/metrics")  # as SGLang's API-key middleware
-SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "logprobs", "stop", "stop_token_ids"}
 
 
 def _dumps(obj: Any) -> str:
@@ -57,222 +53,6 @@ def _dumps(obj: Any) -> str:
 
 def _sse(obj: Any) -> str:
     return "data: " + _dumps(obj) + "\n\n"
-
-
-class _Guard:
-    """Raw ASGI middleware: API key (`Authorization: Bearer`) and request body size limit."""
-
-    def __init__(self, app, api_key: str | None, max_body: int, on_error: Callable[[], None]):
-        self.app, self.api_key, self.max_body, self.on_error = app, api_key, max_body, on_error
-
-    async def _reject(self, send, status: int, message: str, type_: str, code: str, extra=()) -> None:
-        self.on_error()
-        body = _dumps(error_body(message, type_, None, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # under a route prefix the path includes it (ASGI root_path)
-            path = path[len(root):]
-        if self.api_key is not None and scope.get("method") != "OPTIONS" and not path.startswith(AUTH_EXEMPT):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if not auth:
-                return await self._reject(send, 401, "missing API key: send `Authorization: Bearer <key>`",
-                                          "invalid_request_error", "invalid_api_key",
-                                          [(b"www-authenticate", b"Bearer")])
-            if scheme.lower() != "bearer" or token.strip() != self.api_key:
-                return await self._reject(send, 401, "incorrect API key", "invalid_request_error", "invalid_api_key",
-                                          [(b"www-authenticate", b"Bearer")])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await self._reject(send, 413, f"request body of {int(length)} bytes exceeds the limit of "
-                                      f"{self.max_body} bytes (max_request_body_bytes)",
-                                      "invalid_request_error", "request_too_large")
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:  # an HTTPException: FastAPI re-raises those from body parsing
-                    raise HTTPException(413, f"request body exceeds the limit of {self.max_body} bytes "
-                                        "(max_request_body_bytes)")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
-class _Collected:
-    """A finished choice, accumulated from chunks."""
-
-    __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "stop_reason", "num_prompt_tokens",
-                 "num_cached_tokens")
-
-    def __init__(self):
-        self.text, self.token_ids, self.logprobs = "", [], []
-        self.finish_reason = self.stop_reason = None
-        self.num_prompt_tokens = self.num_cached_tokens = 0
-
-    def add(self, chunk: RequestOutput) -> None:
-        self.text += chunk.text
-        self.token_ids.extend(chunk.token_ids)
-        if chunk.logprobs:
-            self.logprobs.extend(chunk.logprobs)
-        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
-        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
-        if chunk.finished:
-            self.finish_reason, self.stop_reason = chunk.finish_reason, chunk.stop_reason
-
-
-class _EngineRequest:
-    """One engine request as the HTTP layer sees it: the first chunk fetched up front (so bad input
-    is a 400 before any response header), then the rest; latency metrics recorded on the way."""
-
-    def __init__(self, server: "ApiServer", request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 t0: float, param_names: dict[str, str]):
-        self.server, self.request_id, self.params, self.t0 = server, request_id, params, t0
-        self.prompt_len = len(prompt_ids)
-        self.param_names = param_names
-        self._chunks = server.client.generate(request_id, prompt_ids, params)
-        self._first: RequestOutput | None = None
-        self._done = False
-        self._ttft: float | None = None
-        self._last = t0
-        self._num_out = 0
-        self._recorded = False
-
-    def _observe(self, chunk: RequestOutput) -> None:
-        k = len(chunk.token_ids)
-        t = time.perf_counter()
-        if k:
-            m = self.server.metrics
-            if self._ttft is None:
-                self._ttft = t - self.t0
-                m.first_token(self._ttft)
-                if k > 1:
-                    m.tokens(0.0, k - 1)
-            else:
-                m.tokens(t - self._last, k)
-            self._last = t
-            self._num_out += k
-        if chunk.finished:
-            self._done = True
-            self._record(aborted=chunk.finish_reason == "abort")
-
-    def _record(self, aborted: bool) -> None:
-        if not self._recorded:
-            self._recorded = True
-            self.server.metrics.finished(time.perf_counter() - self.t0, self._ttft, self._num_out, aborted)
-
-    def _translate(self, exc: Exception) -> APIError:
-        if isinstance(exc, EngineRequestError):
-            msg = str(exc)
-            field = msg.split(" ", 1)[0]
-            param = self.param_names.get(field, field) if field in SAMPLING_FIELDS else self.param_names.get("prompt")
-            return APIError(400, msg, param=param)
-        if isinstance(exc, EngineUnavailable):
-            return APIError(503, f"the engine is unavailable, retry shortly ({exc})", type="service_unavailable",
-                            code="engine_unavailable", headers={"Retry-After": "1"})
-        logger.exception("engine request %s failed", self.request_id)
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="internal_server_error",
-                        code="internal_error")
-
-    async def start(self) -> None:
-        try:
-            self._first = await self._chunks.__anext__()
-            self._observe(self._first)
-        except StopAsyncIteration:
-            self._done = True
-        except Exception as exc:
-            self._done = True
-            self._record(aborted=True)
-            raise self._translate(exc) from None
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            if self._first is not None:
-                first, self._first = self._first, None
-                yield first
-            if self._done:
-                return
-            async for chunk in self._chunks:
-                self._observe(chunk)
-                yield chunk
-        except (GeneratorExit, asyncio.CancelledError):
-            raise
-        except APIError:
-            raise
-        except Exception as exc:
-            raise self._translate(exc) from None
-        finally:
-            if not self._done:
-                self._record(aborted=True)
-                await self._chunks.aclose()
-
-    async def close(self) -> None:
-        if not self._done:
-            self._record(aborted=True)
-            await self._chunks.aclose()
-
-    async def collect(self) -> _Collected:
-        out = _Collected()
-        async for chunk in self:
-            out.add(chunk)
-        return out
-
-
-async def _start_all(requests: list[_EngineRequest]) -> None:
-    """Start every engine request; if one is refused, close the others and raise its error."""
-    results = await asyncio.gather(*(r.start() for r in requests), return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:
-        await asyncio.gather(*(r.close() for r in requests), return_exceptions=True)
-        raise errors[0]
-
-
-async def _merge(requests: list[_EngineRequest]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' chunks as they come; (index, chunk)."""
-    if len(requests) == 1:
-        try:
-            async for chunk in requests[0]:
-                yield 0, chunk
-        finally:
-            await requests[0].close()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, r: _EngineRequest) -> None:
-        try:
-            async for chunk in r:
-                await queue.put((i, chunk, None))
-        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
-            await queue.put((i, None, exc))
-            return
-        await queue.put((i, None, None))
-
-    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
-    live = len(tasks)
-    try:
-        while live:
-            i, chunk, exc = await queue.get()
-            if chunk is None:
-                live -= 1
-                if exc is not None and not isinstance(exc, asyncio.CancelledError):
-                    raise exc
-                continue
-            yield i, chunk
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(r.close() for r in requests), return_exceptions=True)
 
 
 class ApiServer:
@@ -392,13 +172,13 @@ class ApiServer:
         return self._encode(text, add_special_tokens=False)
 
     def _fan_out(self, base_id: str, ids: list[int], params: SamplingParams, n: int, t0: float,
-                 names: dict[str, str]) -> list[_EngineRequest]:
+                 names: dict[str, str]) -> list[EngineRequest]:
         reqs = []
         for i in range(n):
             p = params
             if n > 1 and params.seed is not None and i:
                 p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-            reqs.append(_EngineRequest(self, f"{base_id}-{i}" if n > 1 else base_id, ids, p, t0, names))
+            reqs.append(EngineRequest(self, f"{base_id}-{i}" if n > 1 else base_id, ids, p, t0, names))
         return reqs
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
@@ -416,7 +196,7 @@ class ApiServer:
         self._validate(params, names)
         rid = new_id("chatcmpl")
         reqs = self._fan_out(rid, ids, params, n, t0, names)
-        await _start_all(reqs)
+        await start_all(reqs)
         created = now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -437,7 +217,7 @@ class ApiServer:
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                              "choices": choices, "usage": usage})
 
-    async def _chat_events(self, rid: str, created: int, reqs: list[_EngineRequest], prompt_len: int,
+    async def _chat_events(self, rid: str, created: int, reqs: list[EngineRequest], prompt_len: int,
                            include_usage: bool, top_n: int | None) -> AsyncIterator[str]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         if include_usage:
@@ -447,7 +227,7 @@ class ApiServer:
                                              "logprobs": None, "finish_reason": None}]})
         completion = [0] * len(reqs)
         cached = [0] * len(reqs)
-        merged = _merge(reqs)
+        merged = merge(reqs)
         try:
             async for i, chunk in merged:
                 completion[i] += len(chunk.token_ids)
@@ -491,10 +271,10 @@ class ApiServer:
             self._validate(params, names)
             prepared.append((p, ids, params))
         rid = new_id("cmpl")
-        reqs: list[_EngineRequest] = []
+        reqs: list[EngineRequest] = []
         for k, (_, ids, params) in enumerate(prepared):
             reqs += self._fan_out(f"{rid}-{k}" if len(prepared) > 1 else rid, ids, params, n, t0, names)
-        await _start_all(reqs)
+        await start_all(reqs)
         created = now()
         echoes = [(p if isinstance(p, str) else self.tokenizer.decode(ids)) if req.echo else ""
                   for p, ids, _ in prepared]
@@ -520,7 +300,7 @@ class ApiServer:
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                              "choices": choices, "usage": usage})
 
-    async def _completion_events(self, rid: str, created: int, reqs: list[_EngineRequest], n: int,
+    async def _completion_events(self, rid: str, created: int, reqs: list[EngineRequest], n: int,
                                  prompt_lens: list[int], echoes: list[str], include_usage: bool,
                                  top_n: int | None) -> AsyncIterator[str]:
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
@@ -530,7 +310,7 @@ class ApiServer:
         cached = [0] * len(reqs)
         offsets = [len(echoes[i // n]) for i in range(len(reqs))]
         pending_echo = [echoes[i // n] for i in range(len(reqs))]
-        merged = _merge(reqs)
+        merged = merge(reqs)
         try:
             async for i, chunk in merged:
                 completion[i] += len(chunk.token_ids)
@@ -576,9 +356,9 @@ class ApiServer:
             params.max_tokens = max_new
             self._validate(params, names)
             prepared.append((ids, params, ret_lp, top, rid, sp.max_new_tokens))
-        reqs = [_EngineRequest(self, rid or new_id("gen"), ids, params, t0, names)
+        reqs = [EngineRequest(self, rid or new_id("gen"), ids, params, t0, names)
                 for ids, params, _, _, rid, _ in prepared]
-        await _start_all(reqs)
+        await start_all(reqs)
         if req.stream:
             return self._stream_response(self._generate_events(reqs, prepared, batch, t0, req.return_text_in_logprobs))
         results = await asyncio.gather(*(r.collect() for r in reqs))
@@ -586,7 +366,7 @@ class ApiServer:
                 for r, res, prep in zip(reqs, results, prepared)]
         return JSONResponse(outs if batch else outs[0])
 
-    def _generate_result(self, r: _EngineRequest, res: _Collected, prep, t0: float, lp_text: bool) -> dict[str, Any]:
+    def _generate_result(self, r: EngineRequest, res: Collected, prep, t0: float, lp_text: bool) -> dict[str, Any]:
         _, params, ret_lp, top, _, max_new = prep
         last = res.token_ids[-1] if res.token_ids else None
         meta = {
@@ -607,10 +387,10 @@ class ApiServer:
                                            if top else [])
         return {"text": res.text, "output_ids": list(res.token_ids), "meta_info": meta}
 
-    async def _generate_events(self, reqs: list[_EngineRequest], prepared, batch: bool, t0: float,
+    async def _generate_events(self, reqs: list[EngineRequest], prepared, batch: bool, t0: float,
                                lp_text: bool) -> AsyncIterator[str]:
-        acc = [_Collected() for _ in reqs]
-        merged = _merge(reqs)
+        acc = [Collected() for _ in reqs]
+        merged = merge(reqs)
         try:
             async for i, chunk in merged:
                 acc[i].add(chunk)
@@ -727,7 +507,7 @@ class ApiServer:
         async def health_generate():
             server._require_ready()
             ids = server._encode("ping", add_special_tokens=True) or [0]
-            req = _EngineRequest(server, new_id("health"), ids, SamplingParams(max_tokens=1, temperature=0.0),
+            req = EngineRequest(server, new_id("health"), ids, SamplingParams(max_tokens=1, temperature=0.0),
                                  time.perf_counter(), {})
             try:
                 await asyncio.wait_for(_run_to_end(req), timeout=30)
@@ -781,7 +561,7 @@ class ApiServer:
             return PlainTextResponse(server.metrics.render(stats),
                                      media_type="text/plain; version=0.0.4; charset=utf-8")
 
-        app.add_middleware(_Guard, api_key=self.cfg.api_key, max_body=self.cfg.max_request_body_bytes,
+        app.add_middleware(ApiGuard, api_key=self.cfg.api_key, max_body=self.cfg.max_request_body_bytes,
                            on_error=self.metrics.error)
         return app
 
@@ -800,6 +580,6 @@ class ApiServer:
                 "max_model_len": info.get("max_model_len")}
 
 
-async def _run_to_end(req: _EngineRequest) -> None:
+async def _run_to_end(req: EngineRequest) -> None:
     await req.start()
     await req.collect()
