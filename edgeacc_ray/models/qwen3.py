@@ -37,15 +37,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 workspace: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         a = self.args
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, a.num_heads, a.head_dim)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        qkv = self.qkv_proj(x)
+        qk_size = self.q_size + self.kv_size
+        qk = qkv[:, :qk_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim)  # q and k heads, normed
+        v = qkv[:, qk_size:].view(-1, a.num_kv_heads, a.head_dim)                 # and rotated together
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = F.rms_norm(qk, (a.head_dim,), None, a.rms_norm_eps) * self._qk_norm_weight()
+        q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)
         out = paged_attention(q, k, v, kv_cache, workspace, meta, a.head_dim ** -0.5)
         return self.o_proj(out)
+
+
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """[H + Hkv, D]: q_norm's weight for the q heads, k_norm's for the k heads (built once)."""
+        if getattr(self, "_qk_weight", None) is None:
+            a = self.args
+            self._qk_weight = torch.cat([self.q_norm.weight.expand(a.num_heads, -1),
+                                         self.k_norm.weight.expand(a.num_kv_heads, -1)])
+        return self._qk_weight
 
 
 class MLP(nn.Module):
