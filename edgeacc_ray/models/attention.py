@@ -39,8 +39,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q [T, H, D], k/v [T, Hkv, D] for the new tokens; returns [T, H * D]."""
     num_kv_heads, num_pages, page_size, head_dim = kv_cache.shape[1:]
     slots = kv_cache.view(2, num_kv_heads, num_pages * page_size, head_dim)
-    slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    new_kv = torch.stack((k, v)).transpose(1, 2)  # [2, Hkv, T, D]: keys and values in one write
+    slots.index_copy_(2, meta.slot_mapping, new_kv)
     pages = kv_cache.view(2, num_kv_heads, num_pages, page_size * head_dim)
     q = q * scale
     outs = []
@@ -73,8 +73,7 @@ def _workspace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work
     batch, num_heads, head_dim = q.shape
     num_kv_heads = workspace.shape[2]
     flat = workspace.view(2, -1, head_dim)
-    flat[0].index_copy_(0, meta.workspace_slots, k.reshape(-1, head_dim))
-    flat[1].index_copy_(0, meta.workspace_slots, v.reshape(-1, head_dim))
+    flat.index_copy_(1, meta.workspace_slots, torch.stack((k, v)).view(2, -1, head_dim))
     rows, length = meta.decode_mask.shape
     qg = q.view(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
     if meta.workspace_rows is not None:
