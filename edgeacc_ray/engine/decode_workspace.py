@@ -53,20 +53,20 @@ class DecodeWorkspace:
         return max(self.row_of.values(), default=-1) + 1
 
     def _reserve(self, rows: int, length: int) -> bool:
-        """Grow the buffer (rows doubling, length in steps) to hold rows x length; False if over budget."""
+        """Make the buffer hold rows x length; False if that is over budget. The length also shrinks
+        once it is over twice what the live rows need, since attention reads the whole capacity."""
         cur_rows, cur_len = self.buffer.shape[2], self.buffer.shape[4]
-        if rows <= cur_rows and length <= cur_len:
+        wanted_len = -(-length // _LENGTH_STEP) * _LENGTH_STEP
+        if rows <= cur_rows and length <= cur_len <= 2 * wanted_len:
             return True
-        new_len = max(cur_len, -(-length // _LENGTH_STEP) * _LENGTH_STEP)
-        new_rows = max(rows, cur_rows)
+        new_rows, new_len = max(rows, cur_rows), wanted_len if cur_len > 2 * wanted_len else max(cur_len, wanted_len)
         if new_rows * new_len * self.token_bytes > self.max_bytes:
             return False
-        if rows > cur_rows and 2 * rows * new_len * self.token_bytes <= self.max_bytes:
-            new_rows = max(new_rows, min(2 * cur_rows, 2 * rows))
         layers, _, _, kv_heads, _, head_dim = self.buffer.shape
         grown = self.buffer.new_zeros(  # never garbage: masked positions still pass through matmul
             (layers, 2, new_rows, kv_heads, new_len, head_dim))
-        grown[:, :, :cur_rows, :, :cur_len] = self.buffer
+        keep = min(cur_len, new_len)
+        grown[:, :, :cur_rows, :, :keep] = self.buffer[:, :, :, :, :keep]
         self.buffer = grown
         return True
 
