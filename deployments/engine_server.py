@@ -22,18 +22,10 @@ from ray import serve
 
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
+from edgeacc_ray.engine.platform import pin_process
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
-
-
-def pin_process(cores: list[int]) -> None:
-    """Restrict every thread of this process (and those it starts later) to `cores`."""
-    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
-        try:
-            os.sched_setaffinity(int(tid), cores)
-        except OSError:  # a thread that just exited
-            pass
 
 
 def restore_priority() -> None:

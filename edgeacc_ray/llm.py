@@ -7,6 +7,7 @@ from typing import Any, Sequence as Seq
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import CompletionOutput
+from edgeacc_ray.engine.process_prefill_executor import ProcessPrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -16,9 +17,31 @@ class LLM:
     """Runs a batch of prompts to completion with continuous batching, in this process."""
 
     def __init__(self, model: str = "tiny", **engine_args: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        """`semi_pd=SemiPDConfig(...)` runs prompts in a spawned prefill process on a shared pool."""
+        config = EngineConfig(model=model, **engine_args)
+        self.prefill_process = ProcessPrefillExecutor(config.max_num_batched_tokens) if config.semi_pd else None
+        try:
+            self.engine = LLMEngine(config, self.prefill_process)
+        except BaseException:
+            self.close()
+            raise
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the prefill process and release the shared segment (Semi-PD); a no-op otherwise."""
+        if self.prefill_process is not None:
+            self.prefill_process.shutdown()
+            self.prefill_process = None
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[CompletionOutput]:
@@ -37,7 +60,13 @@ class LLM:
         results: dict[str, CompletionOutput] = {
             rid: CompletionOutput(rid, tokens, [], "", None) for rid, tokens in zip(request_ids, token_lists)}
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            if self.engine.waiting_on_prefill():
+                self.engine.dispatcher.wait()
+            outputs = self.engine.step()
+            failures = self.engine.take_failures()
+            if failures:
+                raise next(iter(failures.values()))
+            for out in outputs:
                 result = results[out.request_id]
                 result.token_ids.extend(out.token_ids)
                 result.text += out.text

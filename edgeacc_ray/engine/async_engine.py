@@ -17,12 +17,14 @@ from typing import Any, Callable
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
+from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None) -> None:
         self.config = config
+        self._prefill_executor = prefill_executor
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -89,6 +91,9 @@ class AsyncLLMEngine:
         self._running = False
         self._wakeup.set()
         self._thread.join(timeout=30)
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
     # -- caller side ----------------------------------------------------------------------------
     async def _next_chunk(self, chunks: asyncio.Queue, interval: int) -> RequestOutput:
@@ -117,21 +122,25 @@ class AsyncLLMEngine:
     # -- engine thread --------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
         try:
-            self.engine = LLMEngine(self.config)
+            self.engine = LLMEngine(self.config, self._prefill_executor)
         except BaseException as exc:  # reported by __init__
             self._error = exc
             ready.set()
             return
+        if self.engine.dispatcher is not None:
+            self.engine.dispatcher.notify = self._wakeup.set
         ready.set()
         try:
             while self._running:
                 self._drain_commands()
-                if not self.engine.has_unfinished():
+                if not self.engine.has_unfinished() or self.engine.waiting_on_prefill():
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue
                 for out in self.engine.step():
                     self._deliver(out.request_id, out)
+                for request_id, failure in self.engine.take_failures().items():
+                    self._deliver(request_id, failure)
         except BaseException as exc:
             self._error = exc
             for request_id in list(self._streams):

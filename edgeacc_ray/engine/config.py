@@ -23,3 +23,16 @@ class EngineConfig:
     stream_interval: int = 1  # async API: hand out a chunk at least every N tokens
     max_logprobs: int = 20
     seed: int = 0
+    semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
+
+
+@dataclass(frozen=True)
+class SemiPDConfig:
+    """Semi-PD settings of the decode side (DESIGN §4): how prompts go to the prefill process, which
+    cores the pair splits, and the targets that move the split."""
+
+    cores: tuple[int, ...] = ()  # cores the pair splits; empty: every core this process may use
+    prefill_batch_tokens: int = 512  # prompt tokens per batch sent to the prefill process
+    max_prefill_batches_in_flight: int = 2
+    ttft_slo_ms: float = 2000.0
+    tpot_slo_ms: float = 100.0

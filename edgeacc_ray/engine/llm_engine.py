@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import time
 
 import torch
@@ -9,30 +10,40 @@ import torch
 from edgeacc_ray.engine.block_manager import BlockManager
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.detokenizer import IncrementalDetokenizer
-from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes
-from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.platform import configure_cpu
+from edgeacc_ray.engine.core_split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes, kv_pool_shape
+from edgeacc_ray.engine.outputs import EngineStats, RequestOutput, SplitStats
+from edgeacc_ray.engine.platform import configure_cpu, use_cores
+from edgeacc_ray.engine.prefill_dispatcher import PrefillDispatcher, PrefillExecutor
+from edgeacc_ray.engine.prefill_messages import PrefillFailed
 from edgeacc_ray.engine.sampler import sample
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.scheduler import AdmissionPolicy, Scheduler
-from edgeacc_ray.engine.sequence import Sequence
+from edgeacc_ray.engine.sequence import Sequence, SequenceStatus
+from edgeacc_ray.engine.split_controller import SplitController
+from edgeacc_ray.engine.unified_storage import MappedStorage, StorageSpec, export
 from edgeacc_ray.models.loader import load_model
 
 MAX_DEFAULT_CONTEXT = 32768
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None) -> None:
+        """With `config.semi_pd`, the weights and the pool go into a shared segment (`storage_spec`)
+        and prompts run on `prefill_executor` (a process that maps it); this engine only decodes."""
         from transformers import AutoTokenizer
 
         from edgeacc_ray.builtin_models import resolve_model
 
         self.config = config
+        semi_pd = config.semi_pd
+        if semi_pd is not None and (config.device != "cpu" or prefill_executor is None):
+            raise ValueError("semi_pd needs device='cpu' and a prefill executor")
         if config.device == "cpu":
             configure_cpu(config.num_threads)
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model, self.args = load_model(self.model_path, config.dtype, config.device)
+        model, self.args = load_model(self.model_path, config.dtype, config.device, pack=semi_pd is None)
         self.dtype = model.model.embed_tokens.weight.dtype
         page_bytes = kv_page_bytes(self.args, config.page_size, self.dtype)
         num_pages = config.num_pages or int(config.kv_cache_memory_gb * 2**30 // page_bytes)
@@ -42,13 +53,30 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
                                  num_pages * config.page_size)
         workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if config.device == "cpu" else 0
-        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes)
+        self.storage: MappedStorage | None = None
+        self.dispatcher: PrefillDispatcher | None = None
+        self.split: SplitController | None = None
+        if semi_pd is not None:
+            self.storage = export(model, kv_pool_shape(self.args, num_pages, config.page_size))
+            self.storage_spec = StorageSpec(self.storage.arena.manifest, str(self.model_path), config.dtype)
+            self.dispatcher = PrefillDispatcher(self.storage_spec, prefill_executor, semi_pd.prefill_batch_tokens,
+                                                semi_pd.max_prefill_batches_in_flight)
+            cores = semi_pd.cores or tuple(sorted(os.sched_getaffinity(0)))
+            self.split = SplitController(cores, semi_pd.ttft_slo_ms, semi_pd.tpot_slo_ms)
+            self._initial_cores = sorted(os.sched_getaffinity(0))
+            self._control = ControlBlock(self.storage.control)
+            self._follower = CoreSplitFollower(self._control, "decode")
+        kv_cache = self.storage.kv_cache if self.storage is not None else None
+        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         admission = AdmissionPolicy(config.max_num_seqs, reserve_pages=max(1, num_pages // 100))
-        self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens,
+                                   remote_prefill=semi_pd is not None)
         self.eos_token_ids = self._eos_token_ids()
         self.sequences: dict[str, Sequence] = {}
+        self.failures: dict[str, PrefillFailed] = {}  # requests that failed outside a step's outputs
         self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0)
+        self._last_decode_at: float | None = None
         torch.manual_seed(config.seed)
 
     # -- requests -------------------------------------------------------------------------------
@@ -81,7 +109,8 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.finish(seq)
+        if seq.status != SequenceStatus.PREFILLING:  # else its pages are freed when the prefill returns
+            self.scheduler.finish(seq)
         seq.finish_reason = "abort"
         self.counters["aborted"] += 1
         return self._output(seq, [], [])
@@ -91,21 +120,81 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and return a chunk for every sequence that advanced."""
-        batch = self.scheduler.schedule()
+        """Schedule, run one forward, sample, and return a chunk for every sequence that advanced.
+        Semi-PD: first merge the prompts the prefill process finished, then hand it new ones."""
+        outputs = self._merge_prefills() if self.dispatcher is not None else []
+        budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
+        batch = self.scheduler.schedule(budget)
+        if batch.prefills:
+            self.dispatcher.dispatch(batch.prefills)
+        if self.split is not None:
+            self._move_split()
         if not batch.items:
-            return []
+            return outputs
         logits, samplers = self.runner.run(batch)
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_pages(seq)
-        outputs = []
         if samplers:
             tokens, logprobs = sample(logits, samplers)
             now = time.monotonic()
             for seq, token, logprob in zip(samplers, tokens, logprobs):
                 outputs.append(self._append_token(seq, token, logprob, now))
+            if self.split is not None and batch.num_decode:
+                if self._last_decode_at is not None:
+                    self.split.observe_tpot(now - self._last_decode_at)
+                self._last_decode_at = now
         return outputs
+
+    def waiting_on_prefill(self) -> bool:
+        """Nothing to compute here until the prefill process returns a batch."""
+        return self.dispatcher is not None and not self.scheduler.running and self.dispatcher.waiting()
+
+    def take_failures(self) -> dict[str, PrefillFailed]:
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def _merge_prefills(self) -> list[RequestOutput]:
+        outputs = []
+        for flight, result in self.dispatcher.completed():
+            if isinstance(result, BaseException):
+                self._fail(flight.seqs, result)
+                continue
+            by_id = {r.request_id: r for r in result.results}
+            now = time.monotonic()
+            for seq in flight.seqs:
+                if seq.finish_reason == "abort":  # aborted while its prompt was in flight
+                    self.scheduler.finish(seq)
+                    continue
+                r = by_id[seq.request_id]
+                if r.generator_state is not None:
+                    seq.generator.set_state(r.generator_state)
+                self.scheduler.prefill_done(seq)
+                if seq.first_token_time is None:
+                    self.split.observe_ttft(now - seq.arrival_time)
+                outputs.append(self._append_token(seq, r.token_id, r.logprob, now))
+        return outputs
+
+    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
+        """A prefill batch was lost: its requests end with an error and their pages return."""
+        reason = error if isinstance(error, PrefillFailed) else PrefillFailed(
+            f"the prefill process failed: {type(error).__name__}")
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+                self.sequences.pop(seq.request_id, None)
+                self.failures[seq.request_id] = reason
+                self.counters["aborted"] += 1
+
+    def _move_split(self) -> None:
+        """Publish where the cores go now and take this process's share (Semi-PD's live split)."""
+        sched = self.scheduler
+        before = self.split.split
+        split = self.split.decide(time.monotonic(), bool(sched.waiting or sched.prefilling), bool(sched.running))
+        if split != before:
+            self._control.publish(split)
+        self._follower.sync()
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         if seq.first_token_time is None:
@@ -152,11 +241,31 @@ class LLMEngine:
             num_free_pages=bm.num_free_pages, num_total_pages=bm.num_pages, page_size=bm.page_size,
             num_cached_pages=bm.num_cached_pages, prompt_tokens_total=c["prompt"],
             generation_tokens_total=c["generation"], cached_prompt_tokens_total=c["cached"],
-            requests_finished_total=c["finished"], requests_aborted_total=c["aborted"])
+            requests_finished_total=c["finished"], requests_aborted_total=c["aborted"],
+            pd_mode="semi_pd" if self.split is not None else "colocated",
+            num_prefilling=len(self.scheduler.prefilling), split=self._split_stats())
+
+    def _split_stats(self) -> SplitStats | None:
+        if self.split is None:
+            return None
+        current = self.split.split
+        return SplitStats(
+            prefill_cores=list(current.prefill) if current else [], decode_cores=list(current.decode) if current else [],
+            base_prefill_cores=self.split.base, moves_total=self.split.moves_total,
+            ttft_p90_ms=self.split.last_ttft_p90_ms, tpot_p90_ms=self.split.last_tpot_p90_ms,
+            prefill_batches_total=self.dispatcher.batches_total, storage=self.storage_spec.name)
 
     def flush_cache(self) -> bool:
         self.block_manager.flush()
         return True
+
+    def close(self) -> None:
+        """Release the shared segment (Semi-PD); the engine is unusable afterwards."""
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+            use_cores(self._initial_cores)  # the split pinned this process; give it its cores back
+            torch.set_num_threads(self.config.num_threads)
 
     @property
     def model_info(self) -> dict:

@@ -18,17 +18,26 @@ def kv_page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
     return args.num_layers * 2 * args.num_kv_heads * page_size * args.head_dim * element
 
 
+def kv_pool_shape(args: ModelArgs, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (args.num_layers, 2, args.num_kv_heads, num_pages, page_size, args.head_dim)
+
+
 class ModelRunner:
+    """`kv_cache` is the pool [layers, 2, Hkv, num_pages, page_size, D]; None allocates a private one
+    (Semi-PD passes the shared pool instead)."""
+
     def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int,
-                 workspace_bytes: int = 0) -> None:
+                 workspace_bytes: int = 0, kv_cache: torch.Tensor | None = None) -> None:
         self.model = model
         self.args = args
         self.page_size = page_size
         self.device = model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
-        shape = (args.num_layers, 2, args.num_kv_heads, num_pages, page_size, args.head_dim)
-        # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device).zero_()
+        if kv_cache is None:
+            # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
+            kv_cache = torch.empty(kv_pool_shape(args, num_pages, page_size), dtype=self.dtype,
+                                   device=self.device).zero_()
+        self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.workspace = DecodeWorkspace(self.kv_cache, workspace_bytes) if workspace_bytes else None
 

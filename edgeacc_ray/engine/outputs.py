@@ -48,6 +48,20 @@ class CompletionOutput:
 
 
 @dataclass
+class SplitStats:
+    """Semi-PD's compute split as it stands: which cores each phase has and how often it moved."""
+
+    prefill_cores: list[int]
+    decode_cores: list[int]
+    base_prefill_cores: int  # prefill's share while both phases have work (moved by the SLOs)
+    moves_total: int
+    ttft_p90_ms: float  # of the last full window
+    tpot_p90_ms: float
+    prefill_batches_total: int
+    storage: str  # the shared segment's name
+
+
+@dataclass
 class EngineStats:
     """A snapshot of the engine's load and counters, for admission, metrics and autoscaling."""
 
@@ -62,6 +76,9 @@ class EngineStats:
     cached_prompt_tokens_total: int  # prompt tokens served from the prefix cache
     requests_finished_total: int
     requests_aborted_total: int
+    pd_mode: str = "colocated"
+    num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
+    split: SplitStats | None = None
 
     @property
     def kv_usage(self) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -21,3 +22,20 @@ def configure_cpu(num_threads: int) -> None:
             libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
         except OSError:
             pass
+
+
+def pin_process(cores: list[int]) -> None:
+    """Restrict every thread of this process (and those it starts later) to `cores`."""
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in tasks:
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that just exited
+            pass
+
+
+def use_cores(cores: list[int]) -> None:
+    """Compute on exactly `cores`: one torch thread per core, every thread pinned to them. Call it
+    from the compute thread (OpenMP's thread count is per calling thread)."""
+    pin_process(cores)
+    torch.set_num_threads(len(cores))

@@ -13,6 +13,7 @@ from edgeacc_ray.engine.sampling_params import SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    PREFILLING = "prefilling"  # Semi-PD: its prompt is being computed in the prefill process
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -42,17 +42,30 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[CausalLM, ModelArgs]:
+def read_model_args(path: str | Path, dtype: str = "auto") -> tuple[ModelArgs, torch.dtype]:
+    """The model's shape and the dtype it will run in, from its config.json alone."""
     from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path} is not an HF model folder (no config.json)")
     hf_config = AutoConfig.from_pretrained(path)
-    args = ModelArgs.from_hf_config(hf_config)
-    torch_dtype = resolve_dtype(dtype, hf_config)
+    return ModelArgs.from_hf_config(hf_config), resolve_dtype(dtype, hf_config)
+
+
+def model_skeleton(args: ModelArgs, dtype: torch.dtype) -> CausalLM:
+    """The model with every tensor on the meta device: structure only, to be bound to real storage."""
     with torch.device("meta"):
-        model = CausalLM(args).to(torch_dtype)
+        return CausalLM(args).to(dtype).eval().requires_grad_(False)
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
+               pack: bool = True) -> tuple[CausalLM, ModelArgs]:
+    """Load a checkpoint. `pack` pre-packs bf16 CPU linears for oneDNN (a private, unshareable layout:
+    Semi-PD, whose processes share one copy of the weights, loads them unpacked)."""
+    path = Path(path)
+    args, torch_dtype = read_model_args(path, dtype)
+    model = model_skeleton(args, torch_dtype)
     model.to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty gives each name its own storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -68,7 +81,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tu
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if can_pack(model.model.embed_tokens.weight):
+    if pack and can_pack(model.model.embed_tokens.weight):
         pack_linears(model)
     return model.eval().requires_grad_(False), args
 

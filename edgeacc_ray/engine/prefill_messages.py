@@ -1,0 +1,48 @@
+"""What crosses between the decode process and the prefill process in Semi-PD: page ids, token ids
+and sampling state, never KV bytes (the pages themselves are in the shared pool)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgeacc_ray.engine.outputs import TokenLogprob
+from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.unified_storage import StorageSpec
+
+
+@dataclass
+class PrefillTask:
+    """Fill the KV of token_ids[num_computed_tokens:] into the granted pages, then sample one token."""
+
+    request_id: str
+    token_ids: list[int]  # prompt, plus the output so far when a preempted sequence comes back
+    num_prompt_tokens: int
+    num_computed_tokens: int  # prefix already in the pages (prefix-cache hit)
+    page_table: list[int]  # pages granted by the decode side, covering every token
+    params: SamplingParams
+    generator_state: torch.Tensor | None = None  # a seeded request's RNG state
+
+
+@dataclass
+class PrefillBatch:
+    storage: StorageSpec  # the pool to write into (the prefill side maps it on first sight)
+    tasks: list[PrefillTask]
+
+
+@dataclass
+class PrefillResult:
+    request_id: str
+    token_id: int
+    logprob: TokenLogprob | None
+    generator_state: torch.Tensor | None
+
+
+@dataclass
+class PrefillBatchResult:
+    results: list[PrefillResult]
+    compute_seconds: float  # time the prefill process spent on the batch (for the split controller)
+
+
+class PrefillFailed(RuntimeError):
+    """The prefill side could not run a batch (its process died or refused it); the requests fail."""

@@ -1,0 +1,80 @@
+"""The prefill side of Semi-PD: computes prompts' KV straight into pages of the shared pool that the
+decode side granted, and samples each prompt's first token. It owns nothing: the weights, the pool
+and the page allocation belong to the decode process, whose segment it maps on first sight (and maps
+again when the decode process was replaced and sends a new one)."""
+from __future__ import annotations
+
+import time
+
+from edgeacc_ray.engine.core_split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.model_runner import ModelRunner
+from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillResult, PrefillTask
+from edgeacc_ray.engine.sampler import sample
+from edgeacc_ray.engine.scheduler import ScheduledBatch
+from edgeacc_ray.engine.sequence import Sequence
+from edgeacc_ray.engine.unified_storage import MappedStorage, StorageSpec, map_storage
+
+
+class PrefillWorker:
+    def __init__(self, max_num_batched_tokens: int = 2048) -> None:
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.storage: MappedStorage | None = None
+        self.storage_name: str | None = None
+        self.runner: ModelRunner | None = None
+        self.follower: CoreSplitFollower | None = None
+        self.batches_total = 0
+        self.tokens_total = 0
+
+    def run(self, batch: PrefillBatch) -> PrefillBatchResult:
+        """Fill every task's pages, chunk by chunk under the token budget; one first token per task."""
+        self._map(batch.storage)
+        start = time.perf_counter()
+        pending = [_sequence(task) for task in batch.tasks]
+        results: list[PrefillResult] = []
+        while pending:
+            self.follower.sync()  # between chunks: the cores may have moved
+            items, budget = [], self.max_num_batched_tokens
+            for seq in pending:
+                if budget == 0:
+                    break
+                n = min(seq.num_uncomputed_tokens, budget)
+                items.append((seq, n))
+                budget -= n
+            logits, samplers = self.runner.run(ScheduledBatch(items=items, num_decode=0))
+            for seq, n in items:
+                seq.num_computed_tokens += n
+                self.tokens_total += n
+            if samplers:
+                tokens, logprobs = sample(logits, samplers)
+                for seq, token, logprob in zip(samplers, tokens, logprobs):
+                    state = seq.generator.get_state() if seq.generator is not None else None
+                    results.append(PrefillResult(seq.request_id, token, logprob, state))
+            pending = [seq for seq in pending if seq.num_uncomputed_tokens > 0]
+        self.batches_total += 1
+        return PrefillBatchResult(results, time.perf_counter() - start)
+
+    def close(self) -> None:
+        if self.storage is not None:
+            self.storage.close()
+        self.storage = self.runner = self.follower = None
+        self.storage_name = None
+
+    def _map(self, spec: StorageSpec) -> None:
+        if spec.name == self.storage_name:
+            return
+        self.close()
+        storage = map_storage(spec)
+        num_pages, page_size = storage.kv_cache.shape[3], storage.kv_cache.shape[4]
+        self.runner = ModelRunner(storage.model, storage.args, num_pages, page_size, kv_cache=storage.kv_cache)
+        self.follower = CoreSplitFollower(ControlBlock(storage.control), "prefill")
+        self.storage, self.storage_name = storage, spec.name
+
+
+def _sequence(task: PrefillTask) -> Sequence:
+    seq = Sequence(task.request_id, task.token_ids[:task.num_prompt_tokens], task.params, arrival_time=0.0)
+    seq.token_ids = list(task.token_ids)
+    seq.page_table = list(task.page_table)
+    seq.num_computed_tokens = task.num_computed_tokens
+    if task.generator_state is not None:
+        seq.generator.set_state(task.generator_state)
+    return seq
