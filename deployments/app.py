@@ -11,7 +11,9 @@ from typing import Any, Mapping
 
 from ray.serve import Application
 
+from deployments.decode_server import DecodeServer
 from deployments.engine_server import EngineServer
+from deployments.prefill_server import PrefillServer
 from deployments.ingress import Ingress
 from edgeacc_ray.config import ConfigError, ServeConfig
 
@@ -32,19 +34,23 @@ def resolve_model_path(model: str) -> str:
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:
-    """Validate the settings (args over environment) and bind Ingress -> EngineServer (colocated)."""
+    """Validate the settings (args over environment) and bind Ingress -> EngineServer (colocated) or
+    Ingress -> DecodeServer -> PrefillServer (semi_pd)."""
     cfg = ServeConfig.from_sources(args)
     model_path = resolve_model_path(cfg.model)
     if cfg.enable_edge_acc:
-        logger.warning("enable_edge_acc=True: Semi-PD, KV offload and the dynamic queue are not wired into "
-                       "this build yet; serving with the colocated engine")
+        logger.warning("enable_edge_acc=True: Semi-PD is on; KV offload and the dynamic queue are not wired "
+                       "into this build yet")
     config = cfg.model_dump()
-    engine = EngineServer.options(
-        ray_actor_options={"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
-                           **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})},
-        max_ongoing_requests=cfg.engine_max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
-    ).bind(config)
+    actor_options = {"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
+                     **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})}
+    serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests,
+                         max_queued_requests=cfg.max_queued_requests)
+    if cfg.pd_mode == "semi_pd":
+        prefill = PrefillServer.options(ray_actor_options=actor_options).bind(config)
+        engine = DecodeServer.options(ray_actor_options=actor_options, **serve_options).bind(config, prefill)
+    else:
+        engine = EngineServer.options(ray_actor_options=actor_options, **serve_options).bind(config)
     return Ingress.options(
         num_replicas=cfg.ingress_num_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any, Literal, Mapping
 
+from edgeacc_ray.engine.config import SemiPDConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Variables of the EdgeAcc-SGLang Docker image -> fields.
@@ -49,7 +50,16 @@ class ServeConfig(BaseModel):
 
     # Parallelism and the EdgeAcc feature set.
     tensor_parallel_size: int = Field(1, ge=1)
-    enable_edge_acc: bool = False
+    enable_edge_acc: bool = Field(False, description="the recommended set: pd_mode semi_pd (unless pd_mode is set)")
+    pd_mode: Literal["colocated", "semi_pd"] = Field(
+        "colocated", description="colocated: one engine does both phases; semi_pd: prefill and decode deployments "
+        "on shares of the same device, one pool and one copy of the weights")
+
+    # Semi-PD (pd_mode semi_pd). On CPU the pair splits engine_cpu_cores (default: every core).
+    prefill_batch_tokens: int = Field(512, ge=1, description="prompt tokens per batch sent to the prefill server")
+    max_prefill_batches_in_flight: int = Field(2, ge=1)
+    ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
+    tpot_slo_ms: float = Field(100.0, gt=0, description="TPOT target that moves the split toward decode")
 
     # Engine.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -93,6 +103,11 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
+        if self.enable_edge_acc and "pd_mode" not in self.model_fields_set:
+            self.pd_mode = "semi_pd"
+        if self.pd_mode == "semi_pd" and self.engine_device() != "cpu":
+            raise ValueError("pd_mode='semi_pd' runs on CPU nodes in this build (the CUDA path, IPC handles and "
+                             "an MPS split, is not implemented yet); use pd_mode='colocated' on GPUs")
         if self.backend == "native" and self.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size}: the native backend runs each engine on one "
@@ -147,6 +162,10 @@ class ServeConfig(BaseModel):
             stream_interval=self.stream_interval,
             max_logprobs=self.max_logprobs,
             seed=self.seed,
+            semi_pd=SemiPDConfig(
+                cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
+                max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
+                tpot_slo_ms=self.tpot_slo_ms) if self.pd_mode == "semi_pd" else None,
         )
 
     def public_dict(self) -> dict[str, Any]:
