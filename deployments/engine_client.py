@@ -114,7 +114,8 @@ class EngineClient:
             raise
         except Exception as exc:
             if _unavailable(exc):
-                raise EngineUnavailable(f"engine unavailable: {type(exc).__name__}: {exc}") from exc
+                logger.warning("engine stream failed: %s: %s", type(exc).__name__, exc)
+                raise EngineUnavailable("the engine process stopped; it is restarting, retry the request") from exc
             raise
         finally:
             if not finished:
@@ -138,8 +139,8 @@ class EngineClient:
             response.cancel()
             raise
         except Exception as exc:  # the engine replica died or restarted
-            reason = f"lost the engine's output stream: {type(exc).__name__}: {exc}"
-            logger.warning(reason)
+            logger.warning("lost the engine's output stream: %s: %s", type(exc).__name__, exc)
+            reason = "the engine process stopped; it is restarting, retry the request"  # no Ray internals
         for queue in list(self._queues.values()):
             queue.put_nowait(_Lost(reason))
 

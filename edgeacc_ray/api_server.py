@@ -12,6 +12,7 @@ abort on close) is `request_stream.py`. Detokenization is the engine's (incremen
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -536,12 +537,14 @@ class ApiServer:
                             "num_free_pages": stats.num_free_pages, "num_total_pages": stats.num_total_pages,
                             "num_cached_pages": stats.num_cached_pages,
                             "requests_finished_total": stats.requests_finished_total,
-                            "requests_aborted_total": stats.requests_aborted_total}
+                            "requests_aborted_total": stats.requests_aborted_total,
+                            "num_prefilling_reqs": stats.num_prefilling,
+                            "semi_pd_split": dataclasses.asdict(stats.split) if stats.split is not None else None}
             import edgeacc_ray
 
             return {**server.cfg.public_dict(), "served_model_name": server.model_name, "model_info": info,
                     "internal_states": [internal], "version": getattr(edgeacc_ray, "__version__", "0.1.0"),
-                    "mode": "colocated"}
+                    "mode": server.cfg.pd_mode}
 
         @app.api_route("/flush_cache", methods=["GET", "POST"])
         async def flush_cache():

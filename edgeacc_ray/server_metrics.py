@@ -136,6 +136,21 @@ class ServerMetrics:
             metric("edgeacc:num_cached_pages", "gauge", "Evictable prefix-cache KV pages", stats.num_cached_pages)
             metric("edgeacc:requests_aborted_total", "counter", "Requests aborted in the engine",
                    stats.requests_aborted_total)
+            if stats.split is not None:
+                split = stats.split
+                metric("edgeacc:semi_pd_prefill_cores", "gauge", "Cores computing prefill now (Semi-PD split)",
+                       len(split.prefill_cores))
+                metric("edgeacc:semi_pd_decode_cores", "gauge", "Cores computing decode now (Semi-PD split)",
+                       len(split.decode_cores))
+                metric("edgeacc:semi_pd_base_prefill_cores", "gauge",
+                       "Prefill's share while both phases have work (moved by the TTFT/TPOT targets)",
+                       split.base_prefill_cores)
+                metric("edgeacc:semi_pd_split_moves_total", "counter", "Times the compute split moved",
+                       split.moves_total)
+                metric("edgeacc:semi_pd_prefill_batches_total", "counter", "Batches sent to the prefill server",
+                       split.prefill_batches_total)
+                metric("edgeacc:num_prefilling_reqs", "gauge", "Requests whose prompt is in the prefill server",
+                       stats.num_prefilling)
         for name, (help_text, value) in (extra_gauges or {}).items():
             metric(name, "gauge", help_text, value)
         with self._lock:

@@ -1,0 +1,161 @@
+"""Semi-PD on a real Ray cluster over real HTTP: separate PrefillServer and DecodeServer deployments
+sharing one segment; greedy output equals the offline colocated engine in fp32; the split is visible
+in /metrics and /get_server_info; killing either process gives clean errors, the service recovers by
+itself and no shared segment is left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.shared_arena import PREFIX, SHM_DIR
+from edgeacc_ray.llm import LLM
+
+APP = "edgeacc_spd"
+ARGS = {"model": "tiny", "served_model_name": "tiny", "dtype": "float32", "kv_cache_memory_gb": 0.25,
+        "pd_mode": "semi_pd", "stream_interval": 4, "prefill_batch_tokens": 128}
+IDS = [[(17 * i + 3 * k) % 7000 + 100 for k in range(n)] for i, n in enumerate((5, 37, 180, 64, 9))]
+
+
+@pytest.fixture(scope="module")
+def url(serve_http_url) -> str:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(ARGS), name=APP, route_prefix="/spd")
+    base = serve_http_url + "/spd"
+    wait_healthy(base, 120)
+    yield base
+    serve.delete(APP)
+
+
+def wait_healthy(base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=5).status_code == 200:
+                r = httpx.post(base + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": {
+                    "max_new_tokens": 1}}, timeout=30)
+                if r.status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the semi_pd application did not come back"
+        time.sleep(0.5)
+
+
+def replica_pid(deployment: str) -> int:
+    """The replica's process, found by the title Ray gives it (`ray::ServeReplica:APP:DEPLOYMENT`)."""
+    title = f"ServeReplica:{APP}:{deployment}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if title in f.read():
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def segments() -> set[str]:
+    return {p.name for p in SHM_DIR.glob(f"{PREFIX}-*")}
+
+
+def internal(base: str) -> dict:
+    return httpx.get(base + "/get_server_info", timeout=10).json()["internal_states"][0]
+
+
+def test_separate_deployments_share_one_segment(url):
+    from ray import serve
+
+    status = serve.status().applications[APP]
+    assert {"Ingress", "DecodeServer", "PrefillServer"} <= set(status.deployments)
+    decode, prefill = replica_pid("DecodeServer"), replica_pid("PrefillServer")
+    assert decode != prefill
+    httpx.post(url + "/generate", json={"input_ids": IDS[2], "sampling_params": {"max_new_tokens": 2}}, timeout=30)
+    name = internal(url)["semi_pd_split"]["storage"]
+    for pid in (decode, prefill):  # both processes map the same file
+        with open(f"/proc/{pid}/maps") as f:
+            assert name in f.read()
+
+
+def test_greedy_equals_colocated_offline_fp32(url):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with LLM("tiny", dtype="float32") as llm:
+        expected = llm.generate(IDS, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    got = client.completions.create(model="tiny", prompt=IDS, max_tokens=16, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    by_index = sorted(got.choices, key=lambda c: c.index)
+    assert [c.text for c in by_index] == [e.text for e in expected]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=IDS[2], max_tokens=16, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert streamed == expected[2].text
+
+
+def test_split_visible_in_metrics_and_server_info(url):
+    info = httpx.get(url + "/get_server_info", timeout=10).json()
+    assert info["mode"] == "semi_pd" and info["pd_mode"] == "semi_pd"
+    split = info["internal_states"][0]["semi_pd_split"]
+    assert split["moves_total"] >= 1 and split["prefill_batches_total"] >= 1
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    for name in ("edgeacc:semi_pd_prefill_cores", "edgeacc:semi_pd_decode_cores", "edgeacc:semi_pd_split_moves_total"):
+        assert name in metrics
+
+
+def _stream(url: str, ids: list[int], max_tokens: int, results: dict, key: str) -> None:
+    """One streaming /generate; records the tokens and whether it ended cleanly or with an error event."""
+    tokens, error = 0, None
+    try:
+        with httpx.stream("POST", url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
+                "max_new_tokens": max_tokens, "ignore_eos": True}}, timeout=120) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}"
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"error"' in line:
+                    error = line
+                elif line.startswith("data: {"):
+                    tokens += 1
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}"
+    results[key] = (tokens, error)
+
+
+def test_killed_prefill_server_fails_only_its_batch_and_recovers(url):
+    running = {}
+    decoding = threading.Thread(target=_stream, args=(url, IDS[0], 300, running, "decoding"))
+    decoding.start()
+    time.sleep(1.0)  # its prompt is done: it decodes in the decode process only
+    os.kill(replica_pid("PrefillServer"), signal.SIGKILL)
+    decoding.join(120)
+    tokens, error = running["decoding"]
+    assert error is None and tokens > 0  # decode never needed the dead process
+    wait_healthy(url, 120)  # Serve restarts the prefill replica; it maps the decode side's segment again
+    state = internal(url)
+    assert state["num_prefilling_reqs"] == 0
+
+
+def test_killed_decode_server_gives_clean_errors_and_leaves_no_segment(url):
+    old = internal(url)["semi_pd_split"]["storage"]
+    results: dict = {}
+    threads = [threading.Thread(target=_stream, args=(url, IDS[i % 5], 2000, results, str(i))) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    os.kill(replica_pid("DecodeServer"), signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    for tokens, error in results.values():
+        assert error is not None  # every stream ended with an error, none hung
+        assert "Actor" not in error and "pid" not in error.lower()
+    wait_healthy(url, 180)
+    new = internal(url)["semi_pd_split"]["storage"]
+    assert new != old and old not in segments() and new in segments()
