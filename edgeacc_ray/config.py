@@ -60,6 +60,7 @@ class ServeConfig(BaseModel):
     max_prefill_batches_in_flight: int = Field(2, ge=1)
     ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
     tpot_slo_ms: float = Field(100.0, gt=0, description="TPOT target that moves the split toward decode")
+    lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
 
     # Engine.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -165,7 +166,7 @@ class ServeConfig(BaseModel):
             semi_pd=SemiPDConfig(
                 cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
                 max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
-                tpot_slo_ms=self.tpot_slo_ms) if self.pd_mode == "semi_pd" else None,
+                tpot_slo_ms=self.tpot_slo_ms, lend_idle_cores=self.lend_idle_cores) if self.pd_mode == "semi_pd" else None,
         )
 
     def public_dict(self) -> dict[str, Any]:

@@ -79,3 +79,25 @@ def test_build_app_binds_ingress_and_colocated_engine():
     assert engine.name == "EngineServer"
     assert engine.ray_actor_options["num_cpus"] == 0 and engine.ray_actor_options["num_gpus"] == 0.5
     assert ingress.ray_actor_options["num_cpus"] == 0
+
+
+def test_enable_edge_acc_selects_semi_pd_unless_pd_mode_is_given():
+    assert ServeConfig.from_sources({}, env={}).pd_mode == "colocated"
+    cfg = ServeConfig.from_sources({}, env={"ENABLE_EDGE_ACC": "True"})
+    assert cfg.pd_mode == "semi_pd" and cfg.engine_config_kwargs()["semi_pd"] is not None
+    assert ServeConfig.model_validate(cfg.model_dump()).pd_mode == "semi_pd"  # survives the trip to replicas
+    assert ServeConfig.from_sources({"pd_mode": "colocated"}, env={"ENABLE_EDGE_ACC": "1"}).pd_mode == "colocated"
+    assert ServeConfig.from_sources({"enable_edge_acc": True}, env={}).pd_mode == "semi_pd"
+    with pytest.raises(ConfigError, match="pd_mode"):
+        ServeConfig.from_sources({"pd_mode": "semi_pd", "device": "cuda", "engine_num_gpus": 0.5}, env={})
+
+
+def test_build_app_binds_decode_and_prefill_deployments_for_semi_pd():
+    from deployments.app import build_app
+
+    app = build_app({"model": "tiny", "pd_mode": "semi_pd"})
+    decode = app._bound_deployment.init_args[1]._bound_deployment
+    assert decode.name == "DecodeServer"
+    prefill = decode.init_args[1]._bound_deployment
+    assert prefill.name == "PrefillServer"
+    assert decode.ray_actor_options["num_cpus"] == 0 and prefill.ray_actor_options["num_cpus"] == 0

@@ -36,3 +36,4 @@ class SemiPDConfig:
     max_prefill_batches_in_flight: int = 2
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
+    lend_idle_cores: bool = True  # a phase with no work lends its cores to the other

@@ -62,7 +62,8 @@ class LLMEngine:
             self.dispatcher = PrefillDispatcher(self.storage_spec, prefill_executor, semi_pd.prefill_batch_tokens,
                                                 semi_pd.max_prefill_batches_in_flight)
             cores = semi_pd.cores or tuple(sorted(os.sched_getaffinity(0)))
-            self.split = SplitController(cores, semi_pd.ttft_slo_ms, semi_pd.tpot_slo_ms)
+            self.split = SplitController(cores, semi_pd.ttft_slo_ms, semi_pd.tpot_slo_ms,
+                                         lend_idle_cores=semi_pd.lend_idle_cores)
             self._initial_cores = sorted(os.sched_getaffinity(0))
             self._control = ControlBlock(self.storage.control)
             self._follower = CoreSplitFollower(self._control, "decode")
@@ -125,12 +126,13 @@ class LLMEngine:
         outputs = self._merge_prefills() if self.dispatcher is not None else []
         budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
         batch = self.scheduler.schedule(budget)
-        if batch.prefills:
-            self.dispatcher.dispatch(batch.prefills)
         if self.split is not None:
             self._move_split()
+        if batch.prefills:
+            self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.split.prefill))
         if not batch.items:
             return outputs
+        started = time.perf_counter()
         logits, samplers = self.runner.run(batch)
         for seq, n in batch.items:
             seq.num_computed_tokens += n
@@ -141,6 +143,8 @@ class LLMEngine:
             for seq, token, logprob in zip(samplers, tokens, logprobs):
                 outputs.append(self._append_token(seq, token, logprob, now))
             if self.split is not None and batch.num_decode:
+                self.split.observe_rate("decode", len(self._follower.cores), batch.num_decode,
+                                        time.perf_counter() - started)
                 if self._last_decode_at is not None:
                     self.split.observe_tpot(now - self._last_decode_at)
                 self._last_decode_at = now
@@ -160,6 +164,7 @@ class LLMEngine:
             if isinstance(result, BaseException):
                 self._fail(flight.seqs, result)
                 continue
+            self.split.observe_rate("prefill", flight.num_cores, flight.num_tokens, result.compute_seconds)
             by_id = {r.request_id: r for r in result.results}
             now = time.monotonic()
             for seq in flight.seqs:
@@ -253,7 +258,9 @@ class LLMEngine:
             prefill_cores=list(current.prefill) if current else [], decode_cores=list(current.decode) if current else [],
             base_prefill_cores=self.split.base, moves_total=self.split.moves_total,
             ttft_p90_ms=self.split.last_ttft_p90_ms, tpot_p90_ms=self.split.last_tpot_p90_ms,
-            prefill_batches_total=self.dispatcher.batches_total, storage=self.storage_spec.name)
+            prefill_batches_total=self.dispatcher.batches_total,
+            prefill_compute_seconds_total=self.dispatcher.compute_seconds_total,
+            prefill_roundtrip_seconds_total=self.dispatcher.roundtrip_seconds_total, storage=self.storage_spec.name)
 
     def flush_cache(self) -> bool:
         self.block_manager.flush()

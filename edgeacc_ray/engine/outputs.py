@@ -58,6 +58,8 @@ class SplitStats:
     ttft_p90_ms: float  # of the last full window
     tpot_p90_ms: float
     prefill_batches_total: int
+    prefill_compute_seconds_total: float  # prefill process busy on batches
+    prefill_roundtrip_seconds_total: float  # batches' time from dispatch to merge (compute + transport + wait)
     storage: str  # the shared segment's name
 
 

@@ -26,6 +26,8 @@ class InFlight:
     seqs: list[Sequence]
     future: cf.Future
     sent_at: float
+    num_tokens: int  # prompt tokens to compute
+    num_cores: int  # prefill's cores when it was sent
 
 
 class PrefillDispatcher:
@@ -38,12 +40,14 @@ class PrefillDispatcher:
         self.in_flight: list[InFlight] = []
         self.notify: Callable[[], None] | None = None  # called from any thread when a batch completes
         self.batches_total = 0
+        self.compute_seconds_total = 0.0  # prefill side's compute time of completed batches
+        self.roundtrip_seconds_total = 0.0  # dispatch to completion, as this side saw it
 
     def token_budget(self) -> int:
         """Prompt tokens the scheduler may hand over now (0 when enough batches are in flight)."""
         return self.batch_tokens if len(self.in_flight) < self.max_in_flight else 0
 
-    def dispatch(self, seqs: list[Sequence]) -> None:
+    def dispatch(self, seqs: list[Sequence], num_cores: int) -> None:
         tasks = [PrefillTask(
             request_id=seq.request_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
             num_computed_tokens=seq.num_computed_tokens, page_table=list(seq.page_table), params=seq.params,
@@ -55,7 +59,8 @@ class PrefillDispatcher:
         except Exception as exc:  # the executor is broken: fail this batch like a lost one
             future = cf.Future()
             future.set_exception(exc)
-        self.in_flight.append(InFlight(seqs, future, time.monotonic()))
+        tokens = sum(seq.num_uncomputed_tokens for seq in seqs)
+        self.in_flight.append(InFlight(seqs, future, time.monotonic(), tokens, num_cores))
         self.batches_total += 1
         if self.notify is not None:
             future.add_done_callback(lambda _: self.notify())
@@ -63,8 +68,12 @@ class PrefillDispatcher:
     def completed(self) -> list[tuple[InFlight, PrefillBatchResult | BaseException]]:
         """Batches that finished since the last call, oldest first, with their result or error."""
         done = [f for f in self.in_flight if f.future.done()]
+        now = time.monotonic()
         for flight in done:
             self.in_flight.remove(flight)
+            self.roundtrip_seconds_total += now - flight.sent_at
+            if flight.future.exception() is None:
+                self.compute_seconds_total += flight.future.result().compute_seconds
         return [(f, f.future.exception() or f.future.result()) for f in done]
 
     def waiting(self) -> bool:

@@ -1,0 +1,101 @@
+"""The Semi-PD split policy and its shared control block: cores follow the load at once, the SLO
+targets move the base share one core per window with a floor of one core per phase, and each
+process applies only its own role's share."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from edgeacc_ray.engine.core_split import ControlBlock, CoreSplit, CoreSplitFollower
+from edgeacc_ray.engine.split_controller import SplitController
+
+
+def controller(cores=(0, 1, 2, 3), **kw) -> SplitController:
+    return SplitController(tuple(cores), ttft_slo_ms=1000, tpot_slo_ms=50, window_s=1.0, idle_grace_s=0.05, **kw)
+
+
+def test_idle_phase_lends_its_cores_after_the_grace_and_takes_them_back_at_once():
+    c = controller()
+    assert c.decide(0.0, True, True) == CoreSplit((0, 1), (2, 3))
+    assert c.decide(0.03, False, True) == CoreSplit((0, 1), (2, 3))  # within the grace: no move
+    assert c.decide(0.1, False, True) == CoreSplit((), (0, 1, 2, 3))  # no prompt waits: decode takes all
+    assert c.decide(0.11, True, True) == CoreSplit((0, 1), (2, 3))  # a prompt arrives: back at once
+    assert c.decide(0.3, True, False) == CoreSplit((0, 1, 2, 3), ())  # nothing decodes: prefill takes all
+    assert c.moves_total == 3
+
+
+def test_without_lending_each_phase_keeps_its_share():
+    c = controller(lend_idle_cores=False)
+    assert c.decide(0.0, False, False) == c.decide(5.0, False, True) == CoreSplit((0, 1), (2, 3))
+    assert c.moves_total == 0
+
+
+def test_slo_misses_move_the_base_one_core_per_window_with_a_floor():
+    c = controller()
+    c.decide(0.0, True, True)
+    for window in range(1, 5):  # TTFT misses, TPOT has headroom: prefill gains a core per window
+        for _ in range(10):
+            c.observe_ttft(2.0)
+            c.observe_tpot(0.01)
+        c.decide(float(window) + 0.01, True, True)
+    assert c.base == 3  # n - 1: decode keeps one core
+    assert c.decide(5.0, True, True) == CoreSplit((0, 1, 2), (3,))
+    for window in range(6, 12):  # now TPOT misses while TTFT has headroom
+        for _ in range(10):
+            c.observe_ttft(0.1)
+            c.observe_tpot(0.2)
+        c.decide(float(window) + 0.01, True, True)
+    assert c.base == 1 and c.last_tpot_p90_ms == 200.0
+
+
+def test_a_window_with_both_targets_met_or_too_few_samples_does_not_move():
+    c = controller()
+    c.decide(0.0, True, True)
+    for _ in range(20):
+        c.observe_ttft(0.5)
+        c.observe_tpot(0.03)
+    c.decide(1.5, True, True)
+    c.observe_ttft(9.0)  # one bad sample is not a trend
+    c.decide(3.0, True, True)
+    assert c.base == 2
+
+
+def test_one_core_is_time_shared():
+    c = controller(cores=(0,))
+    assert c.decide(0.0, True, True) == CoreSplit((0,), (0,))
+
+
+def test_followers_apply_only_their_role_and_only_on_change():
+    words = torch.zeros(8, dtype=torch.int64)
+    control = ControlBlock(words)
+    allowed, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    prefill, decode = CoreSplitFollower(control, "prefill"), CoreSplitFollower(control, "decode")
+    try:
+        control.publish(CoreSplit(tuple(allowed[:1]), tuple(allowed[-1:])))
+        assert control.read()[1] == CoreSplit(tuple(allowed[:1]), tuple(allowed[-1:]))
+        assert decode.sync() == tuple(allowed[-1:])
+        assert os.sched_getaffinity(0) == set(allowed[-1:]) and torch.get_num_threads() == 1
+        control.publish(CoreSplit((), tuple(allowed)))  # prefill idle: it keeps its last cores
+        assert prefill.sync() == ()  # never had any: stays unpinned
+        assert decode.sync() == tuple(allowed)
+        assert os.sched_getaffinity(0) == set(allowed)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        torch.set_num_threads(threads)
+
+
+def test_lending_stops_when_the_borrowed_cores_do_not_help_and_is_probed_again():
+    c = controller(cores=(0, 1))
+    c.probe_s = 10.0
+    assert c.decide(0.0, False, True) == CoreSplit((), (0, 1))  # no data yet: lend
+    for _ in range(6):
+        c.observe_rate("decode", 1, 32, 0.020)  # 1,600 tok/s on its own core
+        c.observe_rate("decode", 2, 32, 0.030)  # slower on two (the lent core is busy elsewhere)
+    assert not c.lending_helps("decode")
+    assert c.decide(1.0, False, True) == CoreSplit((0,), (1,))  # keeps its own share
+    assert c.decide(11.0, False, True) == CoreSplit((), (0, 1))  # verdict forgotten: tried again
+    for _ in range(6):
+        c.observe_rate("decode", 1, 32, 0.020)
+        c.observe_rate("decode", 2, 32, 0.012)  # now it pays
+    assert c.lending_helps("decode") and c.decide(12.0, False, True) == CoreSplit((), (0, 1))
