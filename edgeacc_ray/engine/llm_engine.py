@@ -130,6 +130,8 @@ class LLMEngine:
             self._move_split()
         if batch.prefills:
             self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.split.prefill))
+        if not batch.num_decode:
+            self._last_decode_at = None  # a gap in decoding is not time per output token
         if not batch.items:
             return outputs
         started = time.perf_counter()
