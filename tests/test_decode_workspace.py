@@ -16,3 +16,25 @@ def test_capacity_shrinks_after_a_long_request_and_output_is_unchanged(tiny_mode
     assert workspace.buffer.shape[4] <= 64
     fresh = LLM(tiny_model_path, dtype="float32").generate(short, GREEDY)[0].token_ids
     assert after_long == fresh
+
+
+def test_rows_far_longer_than_the_rest_attend_from_pages_and_match(tiny_model_path):
+    """A few long rows in a batch of short ones leave the workspace (whose capacity stays short) for
+    the paged path; output equals an engine that attends every row from pages."""
+    batch = [[(7 * i + k) % 7000 + 50 for k in range(12 + i)] for i in range(7)] + [list(range(100, 700))]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm = LLM(tiny_model_path, dtype="float32")
+    seen = []
+    run = llm.engine.runner._prepare
+
+    def spy(batch):
+        out = run(batch)
+        seen.append((out[2].num_decode, out[2].num_workspace))
+        return out
+
+    llm.engine.runner._prepare = spy
+    got = llm.generate(batch, params)
+    assert any(d == 8 and w == 7 for d, w in seen)  # seven rows in the workspace, the long one paged
+    assert llm.engine.runner.workspace.buffer.shape[4] <= 64
+    paged_only = LLM(tiny_model_path, dtype="float32", decode_workspace_memory_gb=0).generate(batch, params)
+    assert [g.token_ids for g in got] == [p.token_ids for p in paged_only]

@@ -1,8 +1,9 @@
 """Attention over a paged KV pool: write the new keys/values into their slots, then attend.
 
 A layer's pool is one tensor [2, num_kv_heads, num_pages, page_size, head_dim] (keys, values).
-Decode rows (one query token per sequence) are attended as one padded batch, either in place in a
-decode workspace (engine/decode_workspace.py: a contiguous row per sequence) or from pages gathered
+Decode rows (one query token per sequence) are attended as padded batches: in place in a decode
+workspace (engine/decode_workspace.py: a contiguous row per sequence), and, for the few rows much
+longer than the rest (which would make every workspace row as long as theirs), from pages gathered
 on the fly; prefill chunks one sequence at a time with a causal mask offset by the cached context.
 """
 from __future__ import annotations
@@ -25,13 +26,15 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot (page * page_size + offset) of every new token
     num_decode: int  # rows [0, num_decode) are decode tokens, one per sequence
-    decode_mask: torch.Tensor | None  # [rows, length] additive, -inf past each row's context (workspace
-                                      # path: length is the workspace capacity)
+    decode_mask: torch.Tensor | None  # workspace path: [workspace rows, capacity] additive, -inf past each
+                                      # row's context
     prefills: list[PrefillChunk]
-    decode_page_table: torch.Tensor | None = None  # pages path: [num_decode, max_pages], padded with page 0
+    num_workspace: int = 0  # decode rows [0, num_workspace) attend in the workspace, the rest gather pages
+    decode_page_table: torch.Tensor | None = None  # pages path: [paged rows, max_pages], padded with page 0
+    paged_mask: torch.Tensor | None = None  # pages path: [paged rows, max_pages * page_size] additive
     workspace: torch.Tensor | None = None  # workspace path: [layers, 2, rows, Hkv, length, D]
-    workspace_slots: torch.Tensor | None = None  # [num_decode * Hkv] flat (row, head, position) of new tokens
-    workspace_rows: torch.Tensor | None = None  # [num_decode] row of each decode query; None if rows == range
+    workspace_slots: torch.Tensor | None = None  # [num_workspace * Hkv] flat (row, head, position) of new tokens
+    workspace_rows: torch.Tensor | None = None  # [num_workspace] row of each query; None if rows == range
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -44,11 +47,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     pages = kv_cache.view(2, num_kv_heads, num_pages, page_size * head_dim)
     q = q * scale
     outs = []
-    d = meta.num_decode
-    if d and workspace is not None:
-        outs.append(_workspace_attention(q[:d], k[:d], v[:d], workspace, meta))
-    elif d:
-        outs.append(_paged_decode_attention(q[:d], pages, meta, head_dim))
+    d, w = meta.num_decode, meta.num_workspace
+    if w:
+        outs.append(_workspace_attention(q[:w], k[:w], v[:w], workspace, meta))
+    if d > w:
+        outs.append(_paged_decode_attention(q[w:d], pages, meta, head_dim))
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.context_len == chunk.num_tokens:  # nothing cached before: attend the fresh k/v
@@ -93,7 +96,7 @@ def _paged_decode_attention(q: torch.Tensor, pages: torch.Tensor, meta: Attentio
     table = meta.decode_page_table
     kv = pages.index_select(2, table.flatten()).view(2, num_kv_heads, batch, -1, head_dim)
     qg = q.view(batch, num_kv_heads, -1, head_dim).transpose(0, 1)  # [Hkv, B, G, D]
-    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() + meta.decode_mask[None, :, None, :]
+    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() + meta.paged_mask[None, :, None, :]
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, kv[1])  # [Hkv, B, G, D]
     return out.transpose(0, 1).reshape(batch, num_heads, head_dim)
