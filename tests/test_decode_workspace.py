@@ -27,8 +27,8 @@ def test_rows_far_longer_than_the_rest_attend_from_pages_and_match(tiny_model_pa
     seen = []
     run = llm.engine.runner._prepare
 
-    def spy(batch):
-        out = run(batch)
+    def spy(*args):
+        out = run(*args)
         seen.append((out[2].num_decode, out[2].num_workspace))
         return out
 

@@ -43,38 +43,36 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.workspace = DecodeWorkspace(self.kv_cache, workspace_bytes) if workspace_bytes else None
-        self._num_short = 0  # decode rows of the current batch that attend in the workspace
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute KV for every scheduled token; return logits [S, vocab] for the S sequences
         whose last token was computed (those that sample), and the sequences themselves."""
-        batch = self._long_rows_last(batch)
-        input_ids, positions, meta, sample_rows, samplers = self._prepare(batch)
+        batch, num_short = self._long_rows_last(batch)
+        input_ids, positions, meta, sample_rows, samplers = self._prepare(batch, num_short)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not samplers:
             return torch.empty(0, self.args.vocab_size), []
         rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
         return self.model.logits(rows).cpu(), samplers
 
-    def _long_rows_last(self, batch: ScheduledBatch) -> ScheduledBatch:
+    def _long_rows_last(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, int]:
         """Order the decode rows short first; the rows over twice the median context (and over
         LONG_ROW_MIN) attend from pages, so they do not set the length every workspace row is read at
-        (a few long rows doubled the decode step: 31 -> 62 ms at batch 64, measured)."""
-        self._num_short = batch.num_decode
+        (a few long rows doubled the decode step: 31 -> 62 ms at batch 64, measured).
+        Returns the reordered batch and how many decode rows attend in the workspace."""
         if self.workspace is None or batch.num_decode < 2:
-            return batch
+            return batch, batch.num_decode
         decodes = batch.items[:batch.num_decode]
         lengths = sorted(seq.num_computed_tokens + 1 for seq, _ in decodes)
         limit = max(LONG_ROW_MIN, 2 * lengths[len(lengths) // 2])
         short = [item for item in decodes if item[0].num_computed_tokens + 1 <= limit]
         if len(short) == len(decodes):
-            return batch
-        self._num_short = len(short)
+            return batch, len(short)
         long = [item for item in decodes if item[0].num_computed_tokens + 1 > limit]
-        return ScheduledBatch(short + long + batch.items[batch.num_decode:], batch.num_decode, batch.prefills)
+        return ScheduledBatch(short + long + batch.items[batch.num_decode:], batch.num_decode, batch.prefills), len(short)
 
-    def _prepare(self, batch: ScheduledBatch):
+    def _prepare(self, batch: ScheduledBatch, num_short: int):
         size = self.page_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -101,7 +99,7 @@ class ModelRunner:
                                  num_decode=batch.num_decode, decode_mask=None, prefills=prefills)
         if batch.num_decode:
             decodes = [seq for seq, _ in batch.items[:batch.num_decode]]  # workspace rows first (run())
-            short = decodes[:self._num_short] if self.workspace is not None else []
+            short = decodes[:num_short] if self.workspace is not None else []
             rows = self.workspace.prepare(short) if short else None
             if rows is not None:
                 self._workspace_tables(meta, short, rows)
