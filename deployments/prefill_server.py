@@ -39,11 +39,6 @@ class PrefillServer:
     async def prefill(self, batch: PrefillBatch) -> PrefillBatchResult:
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.run, batch)
 
-    def stats(self) -> dict[str, Any]:
-        w = self.worker
-        return dict(storage=w.storage_name, batches_total=w.batches_total, tokens_total=w.tokens_total,
-                    cores=list(w.follower.cores) if w.follower else [])
-
     def __del__(self):
         worker = getattr(self, "worker", None)
         if worker is not None:

@@ -22,8 +22,6 @@ class PrefillWorker:
         self.storage_name: str | None = None
         self.runner: ModelRunner | None = None
         self.follower: CoreSplitFollower | None = None
-        self.batches_total = 0
-        self.tokens_total = 0
 
     def run(self, batch: PrefillBatch) -> PrefillBatchResult:
         """Fill every task's pages, chunk by chunk under the token budget; one first token per task."""
@@ -43,14 +41,12 @@ class PrefillWorker:
             logits, samplers = self.runner.run(ScheduledBatch(items=items, num_decode=0))
             for seq, n in items:
                 seq.num_computed_tokens += n
-                self.tokens_total += n
             if samplers:
                 tokens, logprobs = sample(logits, samplers)
                 for seq, token, logprob in zip(samplers, tokens, logprobs):
                     state = seq.generator.get_state() if seq.generator is not None else None
                     results.append(PrefillResult(seq.request_id, token, logprob, state))
             pending = [seq for seq in pending if seq.num_uncomputed_tokens > 0]
-        self.batches_total += 1
         return PrefillBatchResult(results, time.perf_counter() - start)
 
     def close(self) -> None:

@@ -42,10 +42,9 @@ class TensorSlot:
 class ArenaManifest:
     """What a peer needs to map the segment: its file, its size and the tensors in it. Crosses processes."""
 
-    path: str
+    path: str  # its name carries the creating process's pid (see sweep_stale_segments)
     nbytes: int
     slots: dict[str, TensorSlot]
-    owner_pid: int
 
     @property
     def name(self) -> str:
@@ -74,7 +73,7 @@ class SharedArena:
         path = SHM_DIR / f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         with open(path, "wb") as f:
             f.truncate(max(offset, 1))
-        return cls(ArenaManifest(str(path), max(offset, 1), slots, os.getpid()), owner=True)
+        return cls(ArenaManifest(str(path), max(offset, 1), slots), owner=True)
 
     @classmethod
     def attach(cls, manifest: ArenaManifest) -> "SharedArena":
