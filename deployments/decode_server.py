@@ -51,4 +51,7 @@ class DecodeServer(EngineService):
         removed = sweep_stale_segments()  # left by a decode replica that was killed
         if removed:
             logger.info("removed %d shared segments of dead processes: %s", len(removed), removed)
-        super().__init__(cfg, RayPrefillExecutor(prefill, cfg.max_prefill_batches_in_flight))
+        executor = RayPrefillExecutor(prefill, cfg.max_prefill_batches_in_flight)
+        super().__init__(cfg, executor)
+        # An empty batch makes the prefill side map this segment now, not on the first request's clock.
+        executor.submit(PrefillBatch(self.engine.engine.storage_spec, []))
