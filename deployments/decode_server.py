@@ -10,7 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.engine_service import EngineService
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillFailed
 from edgeacc_ray.engine.shared_arena import sweep_stale_segments
@@ -37,14 +37,7 @@ class RayPrefillExecutor:
             raise PrefillFailed(f"the prefill server failed ({type(exc).__name__}); retry the request") from None
 
 
-@serve.deployment(
-    name="DecodeServer",
-    ray_actor_options={"num_cpus": 0},  # DESIGN §5
-    max_ongoing_requests=1024,
-    health_check_period_s=10,
-    health_check_timeout_s=60,
-    graceful_shutdown_timeout_s=5,
-)
+@serve.deployment(name="DecodeServer", max_ongoing_requests=1024, **ENGINE_REPLICA_OPTIONS)
 class DecodeServer(EngineService):
     def __init__(self, config: dict[str, Any], prefill: DeploymentHandle):
         cfg = ServeConfig.model_validate(config)
@@ -54,4 +47,4 @@ class DecodeServer(EngineService):
         executor = RayPrefillExecutor(prefill, cfg.max_prefill_batches_in_flight)
         super().__init__(cfg, executor)
         # An empty batch makes the prefill side map this segment now, not on the first request's clock.
-        executor.submit(PrefillBatch(self.engine.engine.storage_spec, []))
+        executor.submit(PrefillBatch(self.engine.storage_spec, []))

@@ -30,6 +30,14 @@ from edgeacc_ray.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
+# Serve options every engine-side deployment (EngineServer, DecodeServer, PrefillServer) shares.
+ENGINE_REPLICA_OPTIONS: dict[str, Any] = dict(
+    ray_actor_options={"num_cpus": 0},  # DESIGN §5: Ray's default of 1 CPU per replica does not fit 2 cores
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=5,
+)
+
 
 def restore_priority() -> None:
     """Undo the niceness Ray gives worker processes (15 by default, `RAY_worker_niceness`) for this

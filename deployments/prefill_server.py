@@ -12,21 +12,14 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine_service import restore_priority
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, restore_priority
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.platform import configure_cpu
 from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult
 from edgeacc_ray.engine.prefill_worker import PrefillWorker
 
 
-@serve.deployment(
-    name="PrefillServer",
-    ray_actor_options={"num_cpus": 0},  # DESIGN §5
-    max_ongoing_requests=16,
-    health_check_period_s=10,
-    health_check_timeout_s=60,
-    graceful_shutdown_timeout_s=5,
-)
+@serve.deployment(name="PrefillServer", max_ongoing_requests=16, **ENGINE_REPLICA_OPTIONS)
 class PrefillServer:
     def __init__(self, config: dict[str, Any]):
         cfg = ServeConfig.model_validate(config)

@@ -19,6 +19,7 @@ from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
 from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.unified_storage import StorageSpec
 
 
 class AsyncLLMEngine:
@@ -41,6 +42,11 @@ class AsyncLLMEngine:
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def storage_spec(self) -> StorageSpec:
+        """Semi-PD: the shared segment a prefill process maps."""
+        return self.engine.storage_spec
 
     @property
     def model_info(self) -> dict:
