@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, AsyncIterator
 
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
 from edgeacc_ray.engine.platform import pin_process
 from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
@@ -52,13 +53,20 @@ def restore_priority() -> None:
                        "before `ray start`/`serve run` to avoid it", exc)
 
 
-class _Subscriber:
-    """One caller's outbox: chunks of all its requests, handed out in batches."""
+# A caller (an Ingress replica's EngineClient) renews its lease every KEEPALIVE_INTERVAL_S; one that
+# stays silent for CALLER_LEASE_S is gone (a killed Ingress cancels nothing), and its requests are aborted.
+KEEPALIVE_INTERVAL_S = 0.5
+CALLER_LEASE_S = 5.0
+
+
+class _Caller:
+    """One caller's requests, its outbox (chunks of all its requests, handed out in batches) and lease."""
 
     def __init__(self) -> None:
         self.items: list[tuple[str, Any]] = []
         self.ready = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
+        self.last_seen = time.monotonic()
 
     def put(self, request_id: str, item: Any) -> None:
         self.items.append((request_id, item))
@@ -71,6 +79,12 @@ class _Subscriber:
         batch, self.items = self.items, []
         return batch
 
+    def abort_all(self) -> int:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
 
 class EngineService:
     """Owns one `AsyncLLMEngine` (its step loop runs in a thread of this replica)."""
@@ -80,105 +94,116 @@ class EngineService:
             pin_process(cfg.engine_cpu_cores)
         restore_priority()
         self.config = cfg
-        self.engine = AsyncLLMEngine(EngineConfig(**cfg.engine_config_kwargs()), prefill_executor)
-        self._subscribers: dict[str, _Subscriber] = {}
+        self.engine = AsyncLLMEngine(cfg.engine_config(), prefill_executor)
+        self._callers: dict[str, _Caller] = {}
+        self._reaper: asyncio.Task | None = None
         logger.info("%s ready: %s", type(self).__name__, self.engine.model_info)
 
+    # ---- callers and their leases ----
+    def _caller(self, caller_id: str) -> _Caller:
+        caller = self._callers.get(caller_id)
+        if caller is None:
+            caller = self._callers[caller_id] = _Caller()
+        caller.last_seen = time.monotonic()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap())
+        return caller
+
+    def keepalive(self, caller_id: str) -> None:
+        """Renew the caller's lease."""
+        self._caller(caller_id)
+
+    async def _reap(self) -> None:
+        """Abort the requests of callers whose lease ran out (their process died)."""
+        while self._callers:
+            await asyncio.sleep(KEEPALIVE_INTERVAL_S)
+            deadline = time.monotonic() - CALLER_LEASE_S
+            for caller_id, caller in list(self._callers.items()):
+                if caller.last_seen < deadline:
+                    del self._callers[caller_id]
+                    aborted = caller.abort_all()
+                    logger.warning("caller %s stopped renewing its lease: aborted its %d requests", caller_id, aborted)
+
     # ---- one streaming call per request ----
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput | dict]:
-        """Yield the request's chunks; a refused request yields one `{"error": message}` instead.
-        Cancelling this generator (the caller cancelled) closes the engine's, which aborts the request."""
-        started = False
+    async def generate(self, caller_id: str, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput | Exception]:
+        """Yield the request's chunks; a refused or failed request yields its error (a typed exception)
+        as the last item. Cancelling this generator (the caller cancelled) aborts the request, and so
+        does the caller's lease running out."""
+        caller = self._caller(caller_id)
         chunks = self.engine.generate(request_id, prompt_token_ids, params)
+        caller.tasks[request_id] = asyncio.current_task()
         try:
             async for chunk in chunks:
-                started = True
                 yield chunk
-        except ValueError as exc:
-            if started:
-                raise
-            yield {"error": str(exc)}
+        except (InvalidRequest, EngineUnavailable) as exc:
+            yield exc
         finally:
+            caller.tasks.pop(request_id, None)
             await chunks.aclose()
 
     # ---- many requests over one stream ----
-    async def submit(self, subscriber_id: str, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams) -> str | None:
-        """Start a request whose chunks go to `subscriber_id`'s stream. None, or why it was refused."""
-        try:
-            self.engine.check_request(prompt_token_ids, params)
-        except ValueError as exc:
-            return str(exc)
-        sub = self._subscribers.setdefault(subscriber_id, _Subscriber())
-        if request_id in sub.tasks:
-            return f"request id {request_id!r} is already running"
-        sub.tasks[request_id] = asyncio.ensure_future(self._pump(sub, request_id, prompt_token_ids, params))
-        return None
+    async def submit(self, caller_id: str, request_id: str, prompt_token_ids: list[int],
+                     params: SamplingParams) -> None:
+        """Start a request whose chunks (or its error) go to `caller_id`'s stream."""
+        caller = self._caller(caller_id)
+        if request_id in caller.tasks:
+            caller.put(request_id, InvalidRequest("request_id", f"request id {request_id!r} is already running"))
+            return
+        caller.tasks[request_id] = asyncio.ensure_future(self._pump(caller, request_id, prompt_token_ids, params))
 
-    async def _pump(self, sub: _Subscriber, request_id: str, prompt_token_ids: list[int],
+    async def _pump(self, caller: _Caller, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
         chunks = self.engine.generate(request_id, prompt_token_ids, params)
         try:
             async for chunk in chunks:
-                sub.put(request_id, chunk)
+                caller.put(request_id, chunk)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # refused late (ValueError) or the engine failed
-            sub.put(request_id, {"error": str(exc), "kind": type(exc).__name__})
+        except (InvalidRequest, EngineUnavailable) as exc:
+            caller.put(request_id, exc)
+        except Exception:  # a bug: the details stay in this log, the caller gets a stable message
+            logger.exception("request %s failed in the engine", request_id)
+            caller.put(request_id, EngineUnavailable("the engine failed while running this request"))
         finally:
             await chunks.aclose()  # not finished: aborts the request, its pages return
-            sub.tasks.pop(request_id, None)
+            caller.tasks.pop(request_id, None)
 
-    async def subscribe(self, subscriber_id: str) -> AsyncIterator[list[tuple[str, Any]]]:
-        """The caller's stream: lists of (request_id, RequestOutput | {"error": ...}), as they come.
-        When the caller goes away (this generator is cancelled), all of its requests are aborted."""
-        sub = self._subscribers.setdefault(subscriber_id, _Subscriber())
+    async def subscribe(self, caller_id: str) -> AsyncIterator[list[tuple[str, Any]]]:
+        """The caller's stream: lists of (request_id, RequestOutput | error), as they come. When the
+        caller goes away (this generator is cancelled, or its lease runs out), its requests are aborted."""
+        caller = self._caller(caller_id)
         try:
             yield []  # subscribed
             while True:
-                yield await sub.take()
+                yield await caller.take()
         finally:
-            if self._subscribers.get(subscriber_id) is sub:
-                del self._subscribers[subscriber_id]
-            for task in list(sub.tasks.values()):
-                task.cancel()
+            if self._callers.get(caller_id) is caller:
+                del self._callers[caller_id]
+            caller.abort_all()
 
-    async def abort(self, subscriber_id: str, request_id: str) -> bool:
-        """Abort a submitted request (the caller lost interest). False if it was not running."""
-        sub = self._subscribers.get(subscriber_id)
-        task = sub.tasks.get(request_id) if sub else None
-        if task is None:
-            return False
-        task.cancel()
-        return True
+    async def abort(self, caller_id: str, request_ids: list[str]) -> int:
+        """Abort submitted requests (their client went away); how many were still running."""
+        caller = self._callers.get(caller_id)
+        if caller is None:
+            return 0
+        tasks = [caller.tasks[r] for r in request_ids if r in caller.tasks]
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     # ---- introspection ----
     def model_info(self) -> dict[str, Any]:
         return dict(self.engine.model_info)
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> str | None:
-        """None when the engine would take the request, else the reason."""
-        try:
-            self.engine.check_request(prompt_token_ids, params)
-        except ValueError as exc:
-            return str(exc)
-        return None
-
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def flush_cache(self) -> bool:
-        return bool(self.engine.flush_cache())
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
 
     def check_health(self) -> None:
-        alive = getattr(self.engine, "is_alive", None)
-        if callable(alive):
-            ok = alive()
-        else:  # until the engine has a public liveness check
-            thread = getattr(self.engine, "_thread", None)
-            ok = thread is None or thread.is_alive()
-        if not ok:
+        if not self.engine.is_alive():
             raise RuntimeError("the engine's step loop has stopped")
 
     def __del__(self):

@@ -1,8 +1,8 @@
-"""The HTTP entry deployment: FastAPI (OpenAI + SGLang-native routes) over the engine side.
+"""The HTTP entry deployment: the FastAPI app of `edgeacc_ray.http` over the engine side.
 
-Thin by design: the routes live in `edgeacc_ray.api_server.ApiServer`; this class only wires it to
-Ray Serve and to an `EngineClient`, so the Ingress does not change when the engine side is laid out
-differently (colocated today; Semi-PD prefill/decode servers and admission later).
+Thin by design: the routes live in `edgeacc_ray.http`; this class only wires the app to Ray Serve and
+to an `EngineClient`, so the Ingress does not change with the engine side's layout (a colocated
+`EngineServer`, or Semi-PD's `DecodeServer` with its `PrefillServer`).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine_client import EngineClient
-from edgeacc_ray.api_server import ApiServer
 from edgeacc_ray.config import ServeConfig
+from edgeacc_ray.http.app import build_api
 
 
 @serve.deployment(
@@ -25,8 +25,8 @@ from edgeacc_ray.config import ServeConfig
 @serve.ingress()
 class Ingress:
     def __init__(self, config: dict[str, Any], engine: DeploymentHandle, tokenizer_path: str):
-        self.config = ServeConfig.model_validate(config)
-        self.server = ApiServer(self.config, EngineClient(engine, self.config.engine_stream_mode), tokenizer_path)
+        cfg = ServeConfig.model_validate(config)
+        self.api = build_api(cfg, EngineClient(engine, cfg.engine_stream_mode), tokenizer_path)
 
     def __serve_build_asgi_app__(self):
-        return self.server.app
+        return self.api

@@ -3,6 +3,7 @@ from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams"]
+__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -3,16 +3,19 @@
 Precedence, lowest first: defaults < environment variables < `args` (serve_config.yaml or `build_app`).
 The environment understands the EdgeAcc-SGLang image's variables (`MODEL_PATH`, `SERVED_MODEL_NAME`,
 `SERVER_HOST`, `SERVER_PORT`, `TENSOR_PARALLEL_SIZE`, `ENABLE_EDGE_ACC`) and `EDGEACC_<FIELD>` for
-every field (e.g. `EDGEACC_API_KEY`, `EDGEACC_STREAM_INTERVAL`). Unknown keys are errors, and every
-error names the field (and the variable it came from).
+every field (e.g. `EDGEACC_API_KEY`, `EDGEACC_STREAM_INTERVAL`). Unknown keys are errors, every error
+names the field (and the variable it came from), and an `EDGEACC_*` variable that names no setting
+gets a warning with the closest one. The engine's tunables are `EngineSettings`, inherited.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from typing import Any, Literal, Mapping
 
-from edgeacc_ray.engine.config import SemiPDConfig
+from edgeacc_ray.engine.config import EngineConfig, EngineSettings, SemiPDConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Variables of the EdgeAcc-SGLang Docker image -> fields.
@@ -25,13 +28,17 @@ IMAGE_ENV_VARS: dict[str, str] = {
     "ENABLE_EDGE_ACC": "enable_edge_acc",
 }
 ENV_PREFIX = "EDGEACC_"
+# EDGEACC_* variables that are not serving settings (read elsewhere).
+OTHER_ENV_VARS = frozenset({"EDGEACC_CACHE_DIR", "EDGEACC_SMOLLM2_WHEEL"})
+
+logger = logging.getLogger("ray.serve")
 
 
 class ConfigError(ValueError):
     """Invalid serving settings; the message names each bad field and where it came from."""
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(EngineSettings):
     """Everything `build_app` needs: what to serve, how to expose it, engine knobs, Ray placement."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -47,6 +54,9 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
     max_request_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    max_request_choices: int | None = Field(
+        None, ge=1, description="most engine requests one HTTP request may start (prompts x n); "
+        "default: an eighth of max_num_seqs, so no request holds more than a small share of the batch")
 
     # Parallelism and the EdgeAcc feature set.
     tensor_parallel_size: int = Field(1, ge=1)
@@ -62,21 +72,8 @@ class ServeConfig(BaseModel):
     tpot_slo_ms: float = Field(100.0, gt=0, description="TPOT target that moves the split toward decode")
     lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
 
-    # Engine.
+    # Engine (the tunables themselves are `EngineSettings`, inherited).
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    page_size: int = Field(16, ge=1)
-    kv_cache_memory_gb: float = Field(1.0, gt=0)
-    num_pages: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    max_model_len: int | None = Field(None, ge=1)
-    num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process")
-    enable_prefix_caching: bool = True
-    stream_interval: int = Field(4, ge=1, description="tokens per streamed chunk after the first, at least "
-                                 "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
-    max_logprobs: int = Field(20, ge=0)
-    seed: int = 0
 
     # Ray placement and Serve options.
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica; fractions share a device")
@@ -146,28 +143,18 @@ class ServeConfig(BaseModel):
                 pass
         return "cpu"
 
-    def engine_config_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `edgeacc_ray.engine.config.EngineConfig` (device left 'auto')."""
-        return dict(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.engine_device(),
-            page_size=self.page_size,
-            kv_cache_memory_gb=self.kv_cache_memory_gb,
-            num_pages=self.num_pages,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            num_threads=self.num_threads,
-            enable_prefix_caching=self.enable_prefix_caching,
-            stream_interval=self.stream_interval,
-            max_logprobs=self.max_logprobs,
-            seed=self.seed,
-            semi_pd=SemiPDConfig(
-                cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
-                max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
-                tpot_slo_ms=self.tpot_slo_ms, lend_idle_cores=self.lend_idle_cores) if self.pd_mode == "semi_pd" else None,
-        )
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings: the inherited tunables, the device resolved, Semi-PD's from pd_mode."""
+        semi_pd = SemiPDConfig(
+            cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
+            max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
+            tpot_slo_ms=self.tpot_slo_ms, lend_idle_cores=self.lend_idle_cores)
+        return EngineConfig(**self.model_dump(include=set(EngineSettings.model_fields)), model=self.model,
+                            device=self.engine_device(), semi_pd=semi_pd if self.pd_mode == "semi_pd" else None)
+
+    @property
+    def request_choices_limit(self) -> int:
+        return self.max_request_choices or max(1, self.max_num_seqs // 8)
 
     def public_dict(self) -> dict[str, Any]:
         """The settings as /get_server_info shows them (the API key hidden)."""
@@ -185,6 +172,7 @@ class ServeConfig(BaseModel):
         values: dict[str, Any] = {}
         source: dict[str, str] = {}
         fields = cls.model_fields
+        _warn_unknown_env(env, fields)
         for name in fields:
             var = ENV_PREFIX + name.upper()
             if env.get(var, "") != "":
@@ -203,6 +191,19 @@ class ServeConfig(BaseModel):
             raise ConfigError(_describe(exc, source)) from None
 
 
+def _warn_unknown_env(env: Mapping[str, str], fields: Mapping[str, Any]) -> None:
+    """An EDGEACC_* variable that names no setting is most likely a typo: say so and suggest one."""
+    for var in sorted(env):
+        if not var.startswith(ENV_PREFIX) or var in OTHER_ENV_VARS:
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name in fields:
+            continue
+        close = difflib.get_close_matches(name, list(fields), n=1)
+        hint = f"; did you mean {ENV_PREFIX + close[0].upper()} ({close[0]})?" if close else ""
+        logger.warning("environment variable %s names no EdgeAcc setting and is ignored%s", var, hint)
+
+
 def _env_value(name: str, raw: str) -> Any:
     """Environment strings are parsed by pydantic; list/dict fields take JSON or comma lists."""
     if name == "engine_cpu_cores":
@@ -216,7 +217,7 @@ def _env_value(name: str, raw: str) -> Any:
         import json
 
         return json.loads(raw)
-    nullable = ("served_model_name", "api_key", "num_pages", "max_model_len")
+    nullable = ("served_model_name", "api_key", "num_pages", "max_model_len", "max_request_choices")
     if raw.strip().lower() in ("none", "null") and name in nullable:
         return None
     return raw

@@ -138,7 +138,7 @@ def test_token_budget_smaller_than_running_batch(mixed_prompts, hf_greedy):
     assert_pool_idle(llm)
 
 
-@pytest.mark.skipif("decode_workspace_memory_gb" not in EngineConfig.__dataclass_fields__,
+@pytest.mark.skipif("decode_workspace_memory_gb" not in EngineConfig.model_fields,
                     reason="no decode workspace in this engine")
 @pytest.mark.parametrize("workspace_gb", [0.0, 0.0021])
 def test_decode_workspace_off_or_too_small_equals_hf(mixed_prompts, hf_greedy, workspace_gb):

@@ -84,7 +84,7 @@ def test_build_app_binds_ingress_and_colocated_engine():
 def test_enable_edge_acc_selects_semi_pd_unless_pd_mode_is_given():
     assert ServeConfig.from_sources({}, env={}).pd_mode == "colocated"
     cfg = ServeConfig.from_sources({}, env={"ENABLE_EDGE_ACC": "True"})
-    assert cfg.pd_mode == "semi_pd" and cfg.engine_config_kwargs()["semi_pd"] is not None
+    assert cfg.pd_mode == "semi_pd" and cfg.engine_config().semi_pd is not None
     assert ServeConfig.model_validate(cfg.model_dump()).pd_mode == "semi_pd"  # survives the trip to replicas
     assert ServeConfig.from_sources({"pd_mode": "colocated"}, env={"ENABLE_EDGE_ACC": "1"}).pd_mode == "colocated"
     assert ServeConfig.from_sources({"enable_edge_acc": True}, env={}).pd_mode == "semi_pd"

@@ -389,7 +389,7 @@ def test_engine_client_modes_agree_and_abort(url, mode):
     """The Ingress's client of the engine side, used directly through a DeploymentHandle."""
     from ray import serve
 
-    from deployments.engine_client import EngineClient, EngineRequestError
+    from deployments.engine_client import EngineClient, InvalidRequest
     from edgeacc_ray.engine.sampling_params import SamplingParams
 
     handle = serve.get_deployment_handle("EngineServer", app_name="edgeacc")
@@ -401,7 +401,7 @@ def test_engine_client_modes_agree_and_abort(url, mode):
         async for chunk in client.generate(f"direct-{mode}", ids, SamplingParams(max_tokens=12, temperature=0,
                                                                                   ignore_eos=True)):
             tokens += chunk.token_ids
-        with pytest.raises(EngineRequestError, match="top_p"):
+        with pytest.raises(InvalidRequest, match="top_p"):
             async for _ in client.generate(f"bad-{mode}", ids, SamplingParams(top_p=7.0)):
                 pass
         stream = client.generate(f"abort-{mode}", ids, SamplingParams(max_tokens=1500, ignore_eos=True))

@@ -9,17 +9,21 @@ since the caller last read; after the first token (which leaves at once, as with
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
 from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.unified_storage import StorageSpec
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
@@ -52,16 +56,13 @@ class AsyncLLMEngine:
     def model_info(self) -> dict:
         return self.engine.model_info
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.check_request(prompt_token_ids, params)
-
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Stream a request's output; leaving the loop early (or cancellation) aborts the request."""
+        """Stream a request's output; leaving the loop early (or cancellation) aborts the request.
+        A request the engine refuses raises InvalidRequest on the first iteration."""
         self._raise_if_dead()
-        self.check_request(prompt_token_ids, params)
         if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already running")
+            raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = (loop, chunks)
@@ -123,7 +124,7 @@ class AsyncLLMEngine:
 
     def _raise_if_dead(self) -> None:
         if self._error is not None or not self._running:
-            raise RuntimeError(f"the engine is not running: {self._error!r}")
+            raise EngineUnavailable("the engine has stopped")
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self, ready: threading.Event) -> None:
@@ -149,8 +150,9 @@ class AsyncLLMEngine:
                     self._deliver(request_id, failure)
         except BaseException as exc:
             self._error = exc
+            logger.exception("the engine's step loop failed; failing %d requests", len(self._streams))
             for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"engine failed: {exc!r}"))
+                self._deliver(request_id, EngineUnavailable("the engine stopped while running this request"))
             raise
 
     def _drain_commands(self) -> None:
@@ -171,7 +173,7 @@ class AsyncLLMEngine:
             return
         try:
             self.engine.add_request(request_id, prompt_token_ids, params)
-        except ValueError as exc:
+        except InvalidRequest as exc:
             self._deliver(request_id, exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:

@@ -1,29 +1,14 @@
-"""Engine settings: what to load, where, and how much KV memory and batch to allow."""
+"""Engine settings: what to load, where, and how much KV memory and batch to allow.
+
+`EngineSettings` holds the tunables with their one default and range; `EngineConfig` (one engine)
+and the serving config (`edgeacc_ray.config.ServeConfig`) both extend it, so no setting is copied.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-
-@dataclass
-class EngineConfig:
-    """Settings of one native engine. `model` is an HF folder or a built-in name ("tiny", "small")."""
-
-    model: str = "tiny"
-    dtype: str = "auto"  # auto (bf16 on CPU/CUDA unless the checkpoint says fp16), bfloat16, float16, float32
-    device: str = "cpu"
-    page_size: int = 16
-    kv_cache_memory_gb: float = 1.0  # budget for the KV page pool; ignored when num_pages is set
-    num_pages: int | None = None
-    decode_workspace_memory_gb: float = 1.0  # CPU: contiguous copy of decoding sequences' KV (0: off)
-    max_num_seqs: int = 256  # upper bound on running sequences; the admission policy may allow fewer
-    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
-    max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings, capped at 32768
-    num_threads: int = 1  # torch compute threads on CPU (DESIGN §5: one per process)
-    enable_prefix_caching: bool = True
-    stream_interval: int = 1  # async API: hand out a chunk at least every N tokens
-    max_logprobs: int = 20
-    seed: int = 0
-    semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True)
@@ -37,3 +22,37 @@ class SemiPDConfig:
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
     lend_idle_cores: bool = True  # a phase with no work lends its cores to the other
+
+
+class EngineSettings(BaseModel):
+    """The native engine's tunables."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 unless the checkpoint is float16")
+    page_size: int = Field(16, ge=1)
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="budget of the KV page pool; num_pages overrides it")
+    num_pages: int | None = Field(None, ge=2)
+    decode_workspace_memory_gb: float = Field(
+        1.0, ge=0, description="CPU: contiguous copy of the decoding sequences' KV (0: off)")
+    max_num_seqs: int = Field(256, ge=1, description="upper bound on running sequences")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (chunked prefill)")
+    max_model_len: int | None = Field(
+        None, ge=2, description="default: the checkpoint's max_position_embeddings, capped at 32768")
+    num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process (DESIGN §5)")
+    enable_prefix_caching: bool = True
+    stream_interval: int = Field(4, ge=1, description="tokens per streamed chunk after the first, at least "
+                                 "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
+    max_logprobs: int = Field(20, ge=0)
+    seed: int = 0
+
+
+class EngineConfig(EngineSettings):
+    """Settings of one native engine. `model` is an HF folder or a built-in name ("tiny", "small")."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+
+    model: str = Field("tiny", min_length=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool

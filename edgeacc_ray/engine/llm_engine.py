@@ -1,7 +1,6 @@
 """The synchronous engine: requests in, one scheduled forward per `step()`, output chunks out."""
 from __future__ import annotations
 
-import numbers
 import os
 import time
 
@@ -10,12 +9,15 @@ import torch
 from edgeacc_ray.engine.block_manager import BlockManager
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.detokenizer import IncrementalDetokenizer
+from edgeacc_ray.engine.errors import InvalidRequest
 from edgeacc_ray.engine.core_split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.latency_metrics import LatencyMetrics
 from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes, kv_pool_shape
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput, SplitStats
 from edgeacc_ray.engine.platform import configure_cpu, use_cores
 from edgeacc_ray.engine.prefill_dispatcher import PrefillDispatcher, PrefillExecutor
 from edgeacc_ray.engine.prefill_messages import PrefillFailed
+from edgeacc_ray.engine.request_validation import RequestLimits, validate_request
 from edgeacc_ray.engine.sampler import sample
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.scheduler import AdmissionPolicy, Scheduler
@@ -52,6 +54,7 @@ class LLMEngine:
                              f"of {page_bytes} bytes")
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
                                  num_pages * config.page_size)
+        self.limits = RequestLimits(self.max_model_len, self.args.vocab_size, config.max_logprobs)
         workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if config.device == "cpu" else 0
         self.storage: MappedStorage | None = None
         self.dispatcher: PrefillDispatcher | None = None
@@ -78,26 +81,17 @@ class LLMEngine:
         self.failures: dict[str, PrefillFailed] = {}  # requests that failed outside a step's outputs
         self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0)
         self._last_decode_at: float | None = None
+        self.latency = LatencyMetrics()
         torch.manual_seed(config.seed)
 
     # -- requests -------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError with a clear message when a request cannot run."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if n >= self.max_model_len:
-            raise ValueError(f"the prompt has {n} tokens but this model's context is {self.max_model_len} tokens "
-                             f"(max_model_len): at most {self.max_model_len - 1} prompt tokens leave room for output")
-        vocab = self.args.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        params.validate(vocab, self.config.max_logprobs)
+        """Raise InvalidRequest saying why this engine cannot run the request."""
+        validate_request(prompt_token_ids, params, self.limits)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
-            raise ValueError(f"request id {request_id!r} is already running")
+            raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
         seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
@@ -204,6 +198,8 @@ class LLMEngine:
         self._follower.sync()
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
+        self.latency.token(seq.arrival_time, seq.first_token_time, seq.last_token_time, now)
+        seq.last_token_time = now
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.counters["prompt"] += seq.num_prompt_tokens
@@ -218,6 +214,7 @@ class LLMEngine:
             self.sequences.pop(seq.request_id, None)
             self.scheduler.finish(seq)
             self.counters["finished"] += 1
+            self.latency.finished(seq.arrival_time, seq.first_token_time, seq.num_output_tokens, now)
         return self._output(seq, [token], [logprob] if logprob is not None else [])
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
@@ -250,7 +247,8 @@ class LLMEngine:
             generation_tokens_total=c["generation"], cached_prompt_tokens_total=c["cached"],
             requests_finished_total=c["finished"], requests_aborted_total=c["aborted"],
             pd_mode="semi_pd" if self.split is not None else "colocated",
-            num_prefilling=len(self.scheduler.prefilling), split=self._split_stats())
+            num_prefilling=len(self.scheduler.prefilling), split=self._split_stats(),
+            latency=self.latency.snapshot())
 
     def _split_stats(self) -> SplitStats | None:
         if self.split is None:

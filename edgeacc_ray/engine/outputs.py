@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgeacc_ray.engine.latency_metrics import LatencySnapshot
+
 
 @dataclass
 class TokenLogprob:
@@ -81,6 +83,7 @@ class EngineStats:
     pd_mode: str = "colocated"
     num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
     split: SplitStats | None = None
+    latency: LatencySnapshot | None = None
 
     @property
     def kv_usage(self) -> float:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgeacc_ray.engine.errors import EngineUnavailable
 from edgeacc_ray.engine.outputs import TokenLogprob
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.unified_storage import StorageSpec
@@ -44,5 +45,5 @@ class PrefillBatchResult:
     compute_seconds: float  # time the prefill process spent on the batch (for the split controller)
 
 
-class PrefillFailed(RuntimeError):
+class PrefillFailed(EngineUnavailable):
     """The prefill side could not run a batch (its process died or refused it); the requests fail."""

@@ -1,4 +1,4 @@
-"""Per-request sampling settings, validated once when a request enters the engine."""
+"""Per-request sampling settings (checked by `request_validation.validate_request` when a request enters the engine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,24 +36,3 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    def validate(self, vocab_size: int, max_logprobs: int = 20) -> None:
-        """Raise ValueError naming the first invalid field."""
-        checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be at least 1, got {max_tokens}"),
-            (self.temperature >= 0.0, "temperature must be >= 0, got {temperature}"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1], got {top_p}"),
-            (self.top_k == -1 or self.top_k >= 0, "top_k must be -1 (disabled) or >= 0, got {top_k}"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1], got {min_p}"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2], got {presence_penalty}"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2], got {frequency_penalty}"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0, got {repetition_penalty}"),
-            (self.logprobs is None or 0 <= self.logprobs <= max_logprobs,
-             f"logprobs must be between 0 and {max_logprobs}, got {{logprobs}}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-            (all(isinstance(t, int) and 0 <= t < vocab_size for t in self.stop_token_ids),
-             f"stop_token_ids must be token ids in [0, {vocab_size})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message.format(**self.__dict__))

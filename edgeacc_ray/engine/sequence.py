@@ -35,6 +35,7 @@ class Sequence:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
 
     def __post_init__(self) -> None:

@@ -3,13 +3,13 @@ request body size, both answered with OpenAI-style errors before any route runs.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import HTTPException
 
-from edgeacc_ray.protocol import error_body
+from edgeacc_ray.http.errors import error_body
 
-AUTH_EXEMPT = ("/health", "/metrics")  # as SGLang's API-key middleware
+AUTH_EXEMPT = ("/health", "/metrics", "/openapi.json", "/docs")  # SGLang's, plus the public API schema
 
 
 def _dumps(obj: Any) -> str:
@@ -19,11 +19,10 @@ def _dumps(obj: Any) -> str:
 class ApiGuard:
     """Raw ASGI middleware: API key (`Authorization: Bearer`) and request body size limit."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, on_error: Callable[[], None]):
-        self.app, self.api_key, self.max_body, self.on_error = app, api_key, max_body, on_error
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
 
     async def _reject(self, send, status: int, message: str, type_: str, code: str, extra=()) -> None:
-        self.on_error()
         body = _dumps(error_body(message, type_, None, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})

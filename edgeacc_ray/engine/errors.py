@@ -1,0 +1,21 @@
+"""Errors the engine side raises to its callers, as types that survive a Ray hop (they pickle with
+their fields), so the HTTP layer maps them by type, never by parsing messages. Their messages are
+short and client-safe: no actor ids, pids or addresses (those go to the logs)."""
+from __future__ import annotations
+
+
+class InvalidRequest(ValueError):
+    """The engine cannot run this request as asked (HTTP 400). `field` names the input at fault in
+    the engine's terms ("prompt", "max_tokens", "temperature", ...); `code` is a stable error code."""
+
+    def __init__(self, field: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.code = field, code
+
+    def __reduce__(self):
+        return type(self), (self.field, str(self), self.code)
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine side cannot serve this request now (starting, restarting, a lost process); a retry
+    shortly may succeed (HTTP 503 with Retry-After)."""

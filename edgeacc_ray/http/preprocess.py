@@ -1,0 +1,276 @@
+"""Turning an API request into engine requests: tokenization and the chat template, the per-request
+limits (choices, output length against the context), the features this server does not offer, and
+the sampling settings. The one place the HTTP layer checks a request; what the engine itself checks
+(prompt length and ids, sampling ranges) comes back from it as `InvalidRequest`."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeacc_ray.config import ServeConfig
+from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.http.errors import APIError
+from edgeacc_ray.http.logprobs import TokenText
+from edgeacc_ray.http.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from edgeacc_ray.http.protocol.sglang import GenerateRequest, GenerateSamplingParams
+
+# Texts longer than this are tokenized in a thread, off the event loop every stream shares.
+INLINE_TOKENIZE_CHARS = 8192
+# Engine field -> SGLang /generate parameter.
+_SGLANG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "stop", "stop_token_ids", "seed")
+
+
+@dataclass
+class PreparedPrompt:
+    """One prompt ready for the engine, with what the response needs to know about it."""
+
+    ids: list[int]
+    params: SamplingParams
+    text: str | None = None  # the prompt as given, when it was text
+    return_logprob: bool = False  # /generate
+    top_logprobs_num: int = 0  # /generate
+    rid: str | None = None  # /generate: the client's request id
+
+
+@dataclass
+class Prepared:
+    """An API request as engine work: prompts, choices per prompt, and the engine's field names in
+    this endpoint's terms (for error messages)."""
+
+    prompts: list[PreparedPrompt]
+    n: int
+    param_names: dict[str, str] = field(default_factory=dict)
+    batch: bool = False  # /generate: answer with a list
+
+    def engine_requests(self, base_id: str) -> list[tuple[str, list[int], SamplingParams]]:
+        """(request id, prompt ids, params) for every choice of every prompt; choice i of a seeded
+        request gets seed + i so the choices differ."""
+        out = []
+        for k, prompt in enumerate(self.prompts):
+            prompt_id = prompt.rid or (f"{base_id}-{k}" if len(self.prompts) > 1 else base_id)
+            for i in range(self.n):
+                params = prompt.params
+                if self.n > 1 and params.seed is not None and i:
+                    params = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
+                out.append((f"{prompt_id}-{i}" if self.n > 1 else prompt_id, prompt.ids, params))
+        return out
+
+
+class Preprocessor:
+    def __init__(self, config: ServeConfig, tokenizer_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.cfg = config
+        self.model_name = config.model_name
+        self.tokenizer_path = str(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.token_text = TokenText(self.tokenizer)
+
+    # ---- shared checks ----
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _check_choices(self, ns: list[int], param: str = "n") -> None:
+        """`ns`: choices asked for each prompt. Each within max_n, all together within the request limit."""
+        for n in ns:
+            if not 1 <= n <= self.cfg.max_n:
+                raise APIError(400, f"{param} must be between 1 and {self.cfg.max_n}, got {n}", param=param)
+        total, limit = sum(ns), self.cfg.request_choices_limit
+        if total > limit:
+            raise APIError(400, f"this request asks for {total} generations ({len(ns)} prompt(s) x {param}); "
+                           f"at most {limit} per request are allowed (max_request_choices)",
+                           param=param, code="too_many_choices")
+
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    @staticmethod
+    def _max_tokens(ids: list[int], requested: int | None, max_model_len: int, param: str, prompt_param: str,
+                    clamp: bool = False) -> int:
+        """The output bound: what was asked (at least 1), or all the room the context leaves. Past
+        the context: an error (OpenAI) or clamped (SGLang). A prompt that leaves no room at all gets
+        1 here and is refused by the engine with the prompt's own message."""
+        room = max_model_len - len(ids)
+        if requested is not None and requested < 1:
+            raise APIError(400, f"{param} must be at least 1, got {requested}", param=param)
+        if room < 1:
+            return requested or 1
+        if requested is None:
+            return room
+        if requested > room:
+            if clamp:
+                return room
+            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                           f"requested {len(ids) + requested} tokens ({len(ids)} in the {prompt_param}, {requested} "
+                           f"in the completion). Please reduce the length of the {prompt_param} or {param}.",
+                           param=param, code="context_length_exceeded")
+        return requested
+
+    @staticmethod
+    def _openai_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            min_p=req.min_p or 0.0,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            stop=req.stop_list(),
+            stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+
+    # ---- /v1/chat/completions ----
+    async def chat(self, req: ChatCompletionRequest, max_model_len: int) -> Prepared:
+        self.check_model(req.model)
+        self._check_choices([req.n])
+        if req.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        messages = [self._message(m) for m in req.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
+        except Exception as exc:  # jinja errors, a template that rejects the conversation
+            raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
+        if not isinstance(text, str):
+            raise APIError(400, "the chat template did not produce text", param="messages")
+        ids = await self._encode(text, add_special_tokens=False)
+        requested, max_param = req.requested_max_tokens()
+        max_tokens = self._max_tokens(ids, requested, max_model_len, max_param, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._openai_params(req, max_tokens, logprobs)
+        return Prepared([PreparedPrompt(ids, params)], req.n,
+                        {"prompt": "messages", "max_tokens": max_param, "logprobs": "top_logprobs"})
+
+    @staticmethod
+    def _message(m: ChatMessage) -> dict[str, Any]:
+        if m.content is None or isinstance(m.content, str):
+            content = m.content or ""
+        else:
+            parts = []
+            for part in m.content:
+                if part.type != "text":
+                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
+                                   param="messages")
+                parts.append(part.text or "")
+            content = "".join(parts)
+        msg = {"role": m.role, "content": content}
+        if m.name:
+            msg["name"] = m.name
+        return msg
+
+    # ---- /v1/completions ----
+    async def completions(self, req: CompletionRequest, max_model_len: int) -> Prepared:
+        self.check_model(req.model)
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+        prompts = self._completion_prompts(req.prompt)
+        self._check_choices([req.n] * len(prompts))
+        prepared = []
+        for p in prompts:
+            ids = await self._encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+            max_tokens = self._max_tokens(ids, req.max_tokens, max_model_len, "max_tokens", "prompt")
+            prepared.append(PreparedPrompt(ids, self._openai_params(req, max_tokens, req.logprobs),
+                                           text=p if isinstance(p, str) else None))
+        return Prepared(prepared, req.n, {"prompt": "prompt"})
+
+    @staticmethod
+    def _completion_prompts(p: str | list) -> list[str | list[int]]:
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # one tokenized prompt
+        return list(p)
+
+    # ---- /generate ----
+    async def generate(self, req: GenerateRequest, max_model_len: int) -> Prepared:
+        if (req.text is None) == (req.input_ids is None):
+            raise APIError(400, "exactly one of `text` and `input_ids` must be given", param="text")
+        prompt_param = "text" if req.text is not None else "input_ids"
+        if req.text is not None:
+            batch = isinstance(req.text, list)
+            prompts: list[Any] = list(req.text) if batch else [req.text]
+        else:
+            batch = bool(req.input_ids) and isinstance(req.input_ids[0], list)
+            prompts = list(req.input_ids) if batch else [req.input_ids]
+        if batch and not prompts:
+            raise APIError(400, "the batch is empty", param=prompt_param)
+        count = len(prompts)
+
+        def per_prompt(value: Any, default: Any, name: str) -> list[Any]:
+            if isinstance(value, list):
+                if len(value) != count:
+                    raise APIError(400, f"{name} has {len(value)} entries for {count} prompts", param=name)
+                return list(value)
+            return [value if value is not None else default] * count
+
+        sps = per_prompt(req.sampling_params, GenerateSamplingParams(), "sampling_params")
+        rets = per_prompt(req.return_logprob, False, "return_logprob")
+        tops = per_prompt(req.top_logprobs_num, 0, "top_logprobs_num")
+        rids = per_prompt(req.rid, None, "rid")
+        self._check_choices([sp.n for sp in sps], "sampling_params.n")
+        names = {"max_tokens": "sampling_params.max_new_tokens", "prompt": prompt_param,
+                 "logprobs": "top_logprobs_num", **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS}}
+        prepared = []
+        for prompt, sp, ret, top, rid in zip(prompts, sps, rets, tops, rids):
+            if ret and top < 0:
+                raise APIError(400, f"top_logprobs_num must be >= 0, got {top}", param="top_logprobs_num")
+            ids = await self._encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+            max_new = self._max_tokens(ids, sp.max_new_tokens, max_model_len, "sampling_params.max_new_tokens",
+                                       prompt_param, clamp=True)
+            params = self._sglang_params(sp, max_new, top if ret else None)
+            for i in range(sp.n):  # SGLang expands n into separate batch entries
+                prepared.append(PreparedPrompt(ids, params, return_logprob=bool(ret), top_logprobs_num=int(top or 0),
+                                               rid=rid if sp.n == 1 else None))
+        return Prepared(prepared, 1, names, batch=batch or len(prepared) > 1)
+
+    @staticmethod
+    def _sglang_params(sp: GenerateSamplingParams, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
+        for name in ("json_schema", "regex", "ebnf"):
+            if getattr(sp, name) is not None:
+                raise APIError(400, f"sampling_params.{name}: constrained decoding is not supported",
+                               param=f"sampling_params.{name}")
+        for name in ("min_new_tokens", "no_stop_trim", "logit_bias"):
+            if getattr(sp, name):
+                raise APIError(400, f"sampling_params.{name} is not supported", param=f"sampling_params.{name}")
+        return SamplingParams(
+            max_tokens=max_new_tokens,
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=sp.top_k,
+            min_p=sp.min_p,
+            seed=sp.sampling_seed if sp.sampling_seed is not None else sp.seed,
+            presence_penalty=sp.presence_penalty,
+            frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty,
+            stop=sp.stop_list(),
+            stop_token_ids=list(sp.stop_token_ids or []),
+            ignore_eos=sp.ignore_eos,
+            logprobs=logprobs,
+            skip_special_tokens=sp.skip_special_tokens,
+        )

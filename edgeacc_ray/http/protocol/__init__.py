@@ -1,0 +1,1 @@
+"""Request shapes of the HTTP API, per API: `openai.py` and `sglang.py`; `common.py` is what both share."""

@@ -1,0 +1,78 @@
+"""POST /v1/chat/completions (OpenAI), streaming and not."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from edgeacc_ray.http.context import ApiContext
+from edgeacc_ray.http.engine_request import EngineRequest, collect_all, merge
+from edgeacc_ray.http.logprobs import chat_logprobs
+from edgeacc_ray.http.protocol.common import new_id, now, usage_dict
+from edgeacc_ray.http.protocol.openai import ChatCompletionRequest
+from edgeacc_ray.http.sse import SSE_DONE, sse
+
+
+def router(ctx: ApiContext) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest) -> Response:
+        prepared = await ctx.pre.chat(req, ctx.max_model_len())
+        rid = new_id("chatcmpl")
+        reqs = await ctx.start(prepared, rid)
+        prompt_len = len(prepared.prompts[0].ids)
+        top_n = prepared.prompts[0].params.logprobs
+        created = now()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return ctx.stream(_events(ctx, rid, created, reqs, prompt_len, include_usage, top_n))
+        results = await collect_all(reqs)
+        choices = []
+        for i, res in enumerate(results):
+            choice = {"index": i, "message": {"role": "assistant", "content": res.text},
+                      "logprobs": ({"content": chat_logprobs(res.logprobs, ctx.pre.token_text, top_n)}
+                                   if top_n is not None else None),
+                      "finish_reason": res.finish_reason}
+            if res.stop_reason is not None:
+                choice["stop_reason"] = res.stop_reason
+            choices.append(choice)
+        usage = usage_dict(prompt_len, sum(len(r.token_ids) for r in results),
+                           min(prompt_len, max(r.num_cached_tokens for r in results)))
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
+                             "choices": choices, "usage": usage})
+
+    return api
+
+
+async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequest], prompt_len: int,
+                  include_usage: bool, top_n: int | None) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+    if include_usage:
+        base["usage"] = None
+    for i in range(len(reqs)):
+        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    completion = [0] * len(reqs)
+    cached = [0] * len(reqs)
+    merged = merge(reqs)
+    try:
+        async for i, chunk in merged:
+            completion[i] += len(chunk.token_ids)
+            cached[i] = chunk.num_cached_tokens or cached[i]
+            if not chunk.text and not chunk.finished and not chunk.logprobs:
+                continue
+            choice = {"index": i, "delta": {"content": chunk.text} if chunk.text else {},
+                      "logprobs": ({"content": chat_logprobs(chunk.logprobs or [], ctx.pre.token_text, top_n)}
+                                   if top_n is not None else None),
+                      "finish_reason": chunk.finish_reason if chunk.finished else None}
+            if chunk.finished and chunk.stop_reason is not None:
+                choice["stop_reason"] = chunk.stop_reason
+            yield sse({**base, "choices": [choice]})
+    finally:
+        await merged.aclose()
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage_dict(prompt_len, sum(completion),
+                                                             min(prompt_len, max(cached)))})
+    yield SSE_DONE
