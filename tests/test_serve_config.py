@@ -101,3 +101,21 @@ def test_build_app_binds_decode_and_prefill_deployments_for_semi_pd():
     prefill = decode.init_args[1]._bound_deployment
     assert prefill.name == "PrefillServer"
     assert decode.ray_actor_options["num_cpus"] == 0 and prefill.ray_actor_options["num_cpus"] == 0
+
+
+def test_unknown_edgeacc_variable_warns_with_the_closest_setting(caplog):
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        cfg = ServeConfig.from_sources({}, env={"EDGEACC_STREAM_INTERVALL": "8", "EDGEACC_CACHE_DIR": "/tmp/x"})
+    assert cfg.stream_interval == 4  # ignored, not applied
+    [record] = [r for r in caplog.records if "EDGEACC_" in r.getMessage()]
+    assert "EDGEACC_STREAM_INTERVALL" in record.getMessage() and "EDGEACC_STREAM_INTERVAL " in record.getMessage()
+
+
+def test_engine_settings_are_inherited_not_copied():
+    from edgeacc_ray.engine.config import EngineConfig, EngineSettings
+
+    cfg = ServeConfig.from_sources({"decode_workspace_memory_gb": 0.5}, env={"EDGEACC_PAGE_SIZE": "8"})
+    engine = cfg.engine_config()
+    assert engine.decode_workspace_memory_gb == 0.5 and engine.page_size == 8
+    for name in EngineSettings.model_fields:  # one default for each setting, in one place
+        assert ServeConfig.model_fields[name].default == EngineConfig.model_fields[name].default
