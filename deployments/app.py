@@ -44,8 +44,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config = cfg.model_dump()
     actor_options = {"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
                      **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})}
-    serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests,
-                         max_queued_requests=cfg.max_queued_requests)
+    serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests)
     if cfg.pd_mode == "semi_pd":
         prefill = PrefillServer.options(ray_actor_options=actor_options).bind(config)
         engine = DecodeServer.options(ray_actor_options=actor_options, **serve_options).bind(config, prefill)
@@ -54,6 +53,5 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     return Ingress.options(
         num_replicas=cfg.ingress_num_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": 0},
     ).bind(config, engine, model_path)

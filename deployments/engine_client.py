@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine_service import KEEPALIVE_INTERVAL_S
-from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
@@ -36,9 +36,14 @@ def _unavailable(exc: BaseException) -> bool:
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
 
-    kinds = (ray_exc.RayActorError, ray_exc.ActorUnavailableError, serve_exc.DeploymentUnavailableError,
-             serve_exc.BackPressureError)
+    kinds = (ray_exc.RayActorError, ray_exc.ActorUnavailableError, serve_exc.DeploymentUnavailableError)
     return isinstance(exc, kinds) or isinstance(getattr(exc, "cause", None), kinds)
+
+
+def _backpressure(exc: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError)
 
 
 def _detached(coro) -> asyncio.Task:
@@ -101,6 +106,8 @@ class EngineClient:
         try:
             return await getattr(self._handle, method).remote(*args)
         except Exception as exc:
+            if _backpressure(exc):  # Ray Serve's own queue bound: an overload answer (429), not an outage
+                raise EngineOverloaded("the server is busy; retry shortly", retry_after_s=1) from None
             if _unavailable(exc):
                 self._lost(exc)
                 raise EngineUnavailable(ENGINE_GONE) from None

@@ -10,6 +10,7 @@ gets a warning with the closest one. The engine's tunables are `EngineSettings`,
 from __future__ import annotations
 
 import difflib
+import math
 import logging
 import os
 import re
@@ -69,7 +70,6 @@ class ServeConfig(EngineSettings):
     prefill_batch_tokens: int = Field(512, ge=1, description="prompt tokens per batch sent to the prefill server")
     max_prefill_batches_in_flight: int = Field(2, ge=1)
     ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
-    tpot_slo_ms: float = Field(100.0, gt=0, description="TPOT target that moves the split toward decode")
     lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
 
     # Engine (the tunables themselves are `EngineSettings`, inherited).
@@ -83,7 +83,6 @@ class ServeConfig(EngineSettings):
     engine_max_ongoing_requests: int = Field(1024, ge=1)
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
-    max_queued_requests: int = Field(-1, ge=-1, description="Serve queue bound per handle; -1 unbounded")
     engine_stream_mode: Literal["multiplexed", "per_request"] = Field(
         "multiplexed", description="one output stream per Ingress replica for all its requests, or one per request")
 
@@ -148,7 +147,8 @@ class ServeConfig(EngineSettings):
         semi_pd = SemiPDConfig(
             cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
             max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
-            tpot_slo_ms=self.tpot_slo_ms, lend_idle_cores=self.lend_idle_cores)
+            tpot_slo_ms=self.tpot_slo_ms if self.tpot_slo_ms is not None else math.inf,
+            lend_idle_cores=self.lend_idle_cores)
         return EngineConfig(**self.model_dump(include=set(EngineSettings.model_fields)), model=self.model,
                             device=self.engine_device(), semi_pd=semi_pd if self.pd_mode == "semi_pd" else None)
 
@@ -217,7 +217,8 @@ def _env_value(name: str, raw: str) -> Any:
         import json
 
         return json.loads(raw)
-    nullable = ("served_model_name", "api_key", "num_pages", "max_model_len", "max_request_choices")
+    nullable = ("served_model_name", "api_key", "num_pages", "max_model_len", "max_request_choices", "tpot_slo_ms",
+                "max_queue_wait_s", "queue_timeout_s", "reservation_clip_tokens")
     if raw.strip().lower() in ("none", "null") and name in nullable:
         return None
     return raw

@@ -5,6 +5,7 @@ import itertools
 from typing import Any, Sequence as Seq
 
 from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.errors import EngineOverloaded
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import CompletionOutput
 from edgeacc_ray.engine.process_prefill_executor import ProcessPrefillExecutor
@@ -12,13 +13,18 @@ from edgeacc_ray.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int]
 
+# Offline, the prompts given are the work: none is refused or dropped for waiting, and the batch is
+# as large as max_num_seqs and the pool allow (no TPOT target). Passing these settings turns them on.
+OFFLINE_DEFAULTS = dict(max_queued_requests=-1, max_queue_wait_s=None, queue_timeout_s=None, tpot_slo_ms=None)
+
 
 class LLM:
     """Runs a batch of prompts to completion with continuous batching, in this process."""
 
     def __init__(self, model: str = "tiny", **engine_args: Any) -> None:
-        """`semi_pd=SemiPDConfig(...)` runs prompts in a spawned prefill process on a shared pool."""
-        config = EngineConfig(model=model, **engine_args)
+        """`semi_pd=SemiPDConfig(...)` runs prompts in a spawned prefill process on a shared pool.
+        Queue bounds and the TPOT-driven running bound are off unless given (`OFFLINE_DEFAULTS`)."""
+        config = EngineConfig(model=model, **{**OFFLINE_DEFAULTS, **engine_args})
         self.prefill_process = ProcessPrefillExecutor(config.max_num_batched_tokens) if config.semi_pd else None
         try:
             self.engine = LLMEngine(config, self.prefill_process)
@@ -55,8 +61,12 @@ class LLM:
         for tokens, p in zip(token_lists, params_list):  # all or nothing: check before queuing any
             self.engine.check_request(tokens, p)
         request_ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for request_id, tokens, p in zip(request_ids, token_lists, params_list):
-            self.engine.add_request(request_id, tokens, p)
+        try:
+            for request_id, tokens, p in zip(request_ids, token_lists, params_list):
+                self.engine.add_request(request_id, tokens, p)
+        except EngineOverloaded:  # queue bounds asked for: take back what was queued
+            self._abort(request_ids)
+            raise
         results: dict[str, CompletionOutput] = {
             rid: CompletionOutput(rid, tokens, [], "", None) for rid, tokens in zip(request_ids, token_lists)}
         while self.engine.has_unfinished():
@@ -64,7 +74,8 @@ class LLM:
                 self.engine.dispatcher.wait()
             outputs = self.engine.step()
             failures = self.engine.take_failures()
-            if failures:
+            if failures:  # a lost prefill or a queue timeout: the whole call fails
+                self._abort(request_ids)
                 raise next(iter(failures.values()))
             for out in outputs:
                 result = results[out.request_id]
@@ -76,6 +87,10 @@ class LLM:
                     result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
                     result.num_cached_tokens = out.num_cached_tokens
         return [results[rid] for rid in request_ids]
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
 
     def chat(self, conversations: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | None = None) -> list[CompletionOutput]:

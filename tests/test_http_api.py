@@ -105,7 +105,11 @@ def test_prompts_times_n_is_bounded(http, engine):
     ({"max_completion_tokens": 100_000}, "max_completion_tokens"),
     ({"messages": [{"role": "bogus", "content": "x"}]}, "messages.0.role"),  # issue 13 item 7
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
-    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"99999": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
 ])
 def test_invalid_chat_parameters_name_the_parameter(http, body, param):
     err = error(http.post("/v1/chat/completions", json={**CHAT, **body}), 400)
@@ -178,3 +182,38 @@ def test_not_ready_and_unknown_model(http):
     err = error(http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404)
     assert err["code"] == "model_not_found"
     error(http.get("/nothing/here"), 404)
+
+
+# ---- issue 9: overload answers ---------------------------------------------------------------------
+
+def test_full_queue_is_429_with_retry_after():
+    import asyncio
+
+    import httpx
+
+    cfg = ServeConfig(model=MODEL, served_model_name=MODEL, kv_cache_memory_gb=0.05, max_num_seqs=1,
+                      max_queued_requests=1, tpot_slo_ms=None)
+    client = LocalEngineClient(cfg.engine_config())
+    app = build_api(cfg, client, client.model_path)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+                while (await http.get("/health")).status_code != 200:
+                    await asyncio.sleep(0.05)
+                first = asyncio.ensure_future(http.post("/v1/completions", json=body))
+                while (await http.get("/get_server_info")).json()["internal_states"][0]["num_running_reqs"] < 1:
+                    await asyncio.sleep(0.01)  # the first runs: the next one waits, the one after is refused
+                later = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(2)))
+                return [await first, *later]
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        client.shutdown()
+    refused = [r for r in answers if r.status_code != 200]
+    assert [r.status_code for r in refused] == [429], [r.text for r in answers]
+    assert int(refused[0].headers["retry-after"]) >= 1
+    assert refused[0].json()["error"]["code"] == "queue_full"

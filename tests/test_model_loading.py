@@ -68,12 +68,14 @@ def _greedy_with_model(model, args, prompt: list[int], n: int = 8) -> list[int]:
     """Greedy decode through the native model and runner (no tokenizer needed)."""
     from edgeacc_ray.engine.block_manager import BlockManager
     from edgeacc_ray.engine.model_runner import ModelRunner
-    from edgeacc_ray.engine.scheduler import AdmissionPolicy, Scheduler
+    from edgeacc_ray.engine.admission import AdmissionPolicy
+    from edgeacc_ray.engine.running_bound import RunningBound
+    from edgeacc_ray.engine.scheduler import Scheduler
     from edgeacc_ray.engine.sequence import Sequence
 
     runner = ModelRunner(model, args, num_pages=64, page_size=16, workspace_bytes=1 << 24)
     blocks = BlockManager(64, 16)
-    scheduler = Scheduler(blocks, AdmissionPolicy(8, 1), 256)
+    scheduler = Scheduler(blocks, AdmissionPolicy(16, 64 * 16, RunningBound(8, tpot_slo_ms=None)), 256)
     seq = Sequence("r", list(prompt), SamplingParams(max_tokens=n, temperature=0.0), arrival_time=0.0)
     scheduler.add(seq)
     while seq.num_output_tokens < n:

@@ -15,7 +15,7 @@ from edgeacc_ray.engine.model_runner import kv_page_bytes
 from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillFailed, PrefillTask
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.llm import LLM
-from tests.test_engine_correctness import TEXT, assert_pool_idle
+from tests.test_engine_correctness import OPTIMISTIC, TEXT, assert_pool_idle
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 ENGINE = dict(dtype="float32", max_num_batched_tokens=96)
@@ -70,7 +70,7 @@ def test_preempted_sequences_go_back_to_prefill_and_match():
         batch = [tokenizer.encode(TEXT)[i * 7:i * 7 + 20] for i in range(6)]
         params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
         expected = small_colocated.generate(batch, params)
-    with LLM("tiny", num_pages=12, page_size=8, semi_pd=SemiPDConfig(), **ENGINE) as llm:
+    with LLM("tiny", num_pages=12, page_size=8, semi_pd=SemiPDConfig(), **ENGINE, **OPTIMISTIC) as llm:
         got = llm.generate(batch, params)
         assert llm.engine.scheduler.num_preemptions > 0
         assert_pool_idle(llm)

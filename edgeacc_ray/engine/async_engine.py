@@ -59,14 +59,18 @@ class AsyncLLMEngine:
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Stream a request's output; leaving the loop early (or cancellation) aborts the request.
-        A request the engine refuses raises InvalidRequest on the first iteration."""
+        A request the engine refuses raises InvalidRequest or EngineOverloaded on the first iteration;
+        one that waited too long to start raises QueueTimeout."""
         self._raise_if_dead()
         if request_id in self._streams:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
+        matcher = None
+        if params.structured is not None:  # compile off the step loop and off this event loop
+            matcher = await asyncio.to_thread(self.engine.grammars.matcher, params.structured)
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = (loop, chunks)
-        self._post(lambda: self._add(request_id, prompt_token_ids, params))
+        self._post(lambda: self._add(request_id, prompt_token_ids, params, matcher))
         finished, interval = False, 1
         try:
             while not finished:
@@ -168,12 +172,12 @@ class AsyncLLMEngine:
         if out is not None:
             self._deliver(request_id, out)
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, matcher: Any) -> None:
         if request_id not in self._streams:  # aborted before it reached the engine
             return
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params)
-        except InvalidRequest as exc:
+            self.engine.add_request(request_id, prompt_token_ids, params, matcher)
+        except (InvalidRequest, EngineUnavailable) as exc:  # refused, or EngineOverloaded
             self._deliver(request_id, exc)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:

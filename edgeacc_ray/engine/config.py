@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class EngineSettings(BaseModel):
     num_pages: int | None = Field(None, ge=2)
     decode_workspace_memory_gb: float = Field(
         1.0, ge=0, description="CPU: contiguous copy of the decoding sequences' KV (0: off)")
-    max_num_seqs: int = Field(256, ge=1, description="upper bound on running sequences")
+    max_num_seqs: int = Field(256, ge=1, description="hard upper bound on running sequences (the running bound "
+                              "moves below it with tpot_slo_ms)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (chunked prefill)")
     max_model_len: int | None = Field(
         None, ge=2, description="default: the checkpoint's max_position_embeddings, capped at 32768")
@@ -45,6 +46,27 @@ class EngineSettings(BaseModel):
     stream_interval: int = Field(4, ge=1, description="tokens per streamed chunk after the first, at least "
                                  "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
     max_logprobs: int = Field(20, ge=0)
+
+    # Admission and overload (engine/admission.py, running_bound.py, queue_bounds.py).
+    tpot_slo_ms: float | None = Field(
+        100.0, gt=0, description="TPOT target the running bound follows (between 1 and max_num_seqs); "
+        "null: the bound stays at max_num_seqs")
+    new_token_ratio_init: float = Field(
+        0.7, gt=0, le=1, description="share of a request's remaining max_tokens its KV reservation counts "
+        "at first (SGLang's init_new_token_ratio); then learned from finished requests")
+    new_token_ratio_min: float = Field(
+        0.1, gt=0, le=1, description="floor of the learned share; with both at 1.0 (and no clip) every output "
+        "is reserved in full and nothing is ever retracted")
+    reservation_clip_tokens: int | None = Field(
+        4096, ge=1, description="output tokens a reservation counts at most (SGLang's clip); null: all of "
+        "max_tokens")
+    max_queued_requests: Literal[-1] | PositiveInt = Field(
+        1024, description="requests that may wait to start; one more is refused (HTTP 429); -1: unbounded")
+    max_queue_wait_s: float | None = Field(
+        30.0, gt=0, description="refuse a request (HTTP 429) whose predicted wait to start, at the measured "
+        "drain rate, is longer; null: no bound")
+    queue_timeout_s: float | None = Field(
+        60.0, gt=0, description="a request not started after this long is dropped (HTTP 503); null: never")
     seed: int = 0
 
 

@@ -18,4 +18,22 @@ class InvalidRequest(ValueError):
 
 class EngineUnavailable(RuntimeError):
     """The engine side cannot serve this request now (starting, restarting, a lost process); a retry
-    shortly may succeed (HTTP 503 with Retry-After)."""
+    shortly may succeed (HTTP 503 with Retry-After). `retry_after_s`, when the engine knows it, is
+    when to retry; `code` is a stable error code."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s, self.code = retry_after_s, code
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after_s, self.code)
+
+
+class EngineOverloaded(EngineUnavailable):
+    """Refused on arrival: too many requests wait already, or the predicted wait is longer than the
+    engine's bound (HTTP 429 with Retry-After: `retry_after_s`, from the measured drain rate)."""
+
+
+class QueueTimeout(EngineUnavailable):
+    """The request waited longer than the engine's queue timeout without starting; it was dropped and
+    holds nothing (HTTP 503 with Retry-After: `retry_after_s`)."""

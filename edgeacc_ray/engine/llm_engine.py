@@ -1,15 +1,17 @@
 """The synchronous engine: requests in, one scheduled forward per `step()`, output chunks out."""
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import time
+from typing import Any
 
 import torch
 
 from edgeacc_ray.engine.block_manager import BlockManager
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.detokenizer import IncrementalDetokenizer
-from edgeacc_ray.engine.errors import InvalidRequest
+from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.core_split import ControlBlock, CoreSplitFollower
 from edgeacc_ray.engine.latency_metrics import LatencyMetrics
 from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes, kv_pool_shape
@@ -20,9 +22,13 @@ from edgeacc_ray.engine.prefill_messages import PrefillFailed
 from edgeacc_ray.engine.request_validation import RequestLimits, validate_request
 from edgeacc_ray.engine.sampler import sample
 from edgeacc_ray.engine.sampling_params import SamplingParams
-from edgeacc_ray.engine.scheduler import AdmissionPolicy, Scheduler
+from edgeacc_ray.engine.admission import AdmissionPolicy
+from edgeacc_ray.engine.queue_bounds import QueueBounds
+from edgeacc_ray.engine.running_bound import RunningBound
+from edgeacc_ray.engine.scheduler import Scheduler
 from edgeacc_ray.engine.sequence import Sequence, SequenceStatus
 from edgeacc_ray.engine.split_controller import SplitController
+from edgeacc_ray.engine.structured_output import GrammarCompiler, next_token_bitmask
 from edgeacc_ray.engine.unified_storage import MappedStorage, StorageSpec, export
 from edgeacc_ray.models.loader import load_model
 
@@ -54,7 +60,8 @@ class LLMEngine:
                              f"of {page_bytes} bytes")
         self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
                                  num_pages * config.page_size)
-        self.limits = RequestLimits(self.max_model_len, self.args.vocab_size, config.max_logprobs)
+        self.limits = RequestLimits(self.max_model_len, self.args.vocab_size, config.max_logprobs,
+                                    num_pages * config.page_size)
         workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if config.device == "cpu" else 0
         self.storage: MappedStorage | None = None
         self.dispatcher: PrefillDispatcher | None = None
@@ -73,13 +80,20 @@ class LLMEngine:
         kv_cache = self.storage.kv_cache if self.storage is not None else None
         self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
-        admission = AdmissionPolicy(config.max_num_seqs, reserve_pages=max(1, num_pages // 100))
+        self.running_bound = RunningBound(config.max_num_seqs, config.tpot_slo_ms)
+        admission = AdmissionPolicy(config.page_size, self.max_model_len, self.running_bound,
+                                    config.new_token_ratio_init, config.new_token_ratio_min,
+                                    config.reservation_clip_tokens)
+        self.queue_bounds = QueueBounds(config.max_queued_requests, config.max_queue_wait_s, config.queue_timeout_s)
         self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens,
                                    remote_prefill=semi_pd is not None)
         self.eos_token_ids = self._eos_token_ids()
+        self.grammars = GrammarCompiler(self.tokenizer)
+        self._masks = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeacc-grammar")
         self.sequences: dict[str, Sequence] = {}
-        self.failures: dict[str, PrefillFailed] = {}  # requests that failed outside a step's outputs
-        self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0)
+        self.failures: dict[str, EngineUnavailable] = {}  # requests that failed outside a step's outputs
+        self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0, rejected=0, queue_timeouts=0)
+        self._num_admitted = 0  # scheduler.num_admitted at the last step (for the drain rate)
         self._last_decode_at: float | None = None
         self.latency = LatencyMetrics()
         torch.manual_seed(config.seed)
@@ -89,11 +103,23 @@ class LLMEngine:
         """Raise InvalidRequest saying why this engine cannot run the request."""
         validate_request(prompt_token_ids, params, self.limits)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    matcher: Any = None) -> None:
+        """Queue a request. A constrained one (`params.structured`) brings its grammar matcher, built
+        off the step loop (`grammars.matcher`), or gets one built here. Raises InvalidRequest (it cannot
+        run as asked) or EngineOverloaded (too many wait, or the wait to start is too long)."""
         if request_id in self.sequences:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
+        try:
+            self.queue_bounds.check_arrival(len(self.scheduler.waiting))
+        except EngineOverloaded:
+            self.counters["rejected"] += 1
+            raise
+        if params.structured is not None and matcher is None:
+            matcher = self.grammars.matcher(params.structured)
         seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
+        seq.matcher, seq.eos_token_ids = matcher, frozenset(self.eos_token_ids)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                                  params.skip_special_tokens)
         self.sequences[request_id] = seq
@@ -119,17 +145,29 @@ class LLMEngine:
         Semi-PD: first merge the prompts the prefill process finished, then hand it new ones."""
         outputs = self._merge_prefills() if self.dispatcher is not None else []
         budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
+        scheduled_at = time.monotonic()
+        self._expire_waiting(scheduled_at)
         batch = self.scheduler.schedule(budget)
+        sched = self.scheduler
+        self.queue_bounds.drain.observe(scheduled_at, sched.num_admitted - self._num_admitted, len(sched.waiting))
+        self._num_admitted = sched.num_admitted
         if self.split is not None:
             self._move_split()
         if batch.prefills:
+            vocab = self.grammars.tokenizer.vocab_size if any(q.matcher for q in batch.prefills) else 0
+            for seq in batch.prefills:  # the prefill process samples the first token: send it the mask
+                if seq.matcher is not None:
+                    seq.token_bitmask = next_token_bitmask(seq.matcher, vocab)
             self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.split.prefill))
         if not batch.num_decode:
             self._last_decode_at = None  # a gap in decoding is not time per output token
         if not batch.items:
             return outputs
         started = time.perf_counter()
+        masks = self._masks.submit(self._fill_masks, batch) if any(s.matcher for s, _ in batch.items) else None
         logits, samplers = self.runner.run(batch)
+        if masks is not None:
+            masks.result()  # computed while the forward ran
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_pages(seq)
@@ -138,21 +176,52 @@ class LLMEngine:
             now = time.monotonic()
             for seq, token, logprob in zip(samplers, tokens, logprobs):
                 outputs.append(self._append_token(seq, token, logprob, now))
-            if self.split is not None and batch.num_decode:
-                self.split.observe_rate("decode", len(self._follower.cores), batch.num_decode,
-                                        time.perf_counter() - started)
-                if self._last_decode_at is not None:
-                    self.split.observe_tpot(now - self._last_decode_at)
-                self._last_decode_at = now
+            if batch.num_decode:
+                self._observe_decode(now, batch.num_decode, time.perf_counter() - started)
         return outputs
+
+    def _fill_masks(self, batch) -> None:
+        """Next-token bitmasks of the constrained rows that sample this step (in a helper thread:
+        llguidance releases the GIL, so this overlaps the forward)."""
+        vocab = self.grammars.tokenizer.vocab_size
+        for seq, n in batch.items:
+            if seq.matcher is not None and seq.num_computed_tokens + n >= seq.num_tokens:
+                seq.token_bitmask = next_token_bitmask(seq.matcher, vocab)
 
     def waiting_on_prefill(self) -> bool:
         """Nothing to compute here until the prefill process returns a batch."""
         return self.dispatcher is not None and not self.scheduler.running and self.dispatcher.waiting()
 
-    def take_failures(self) -> dict[str, PrefillFailed]:
+    def take_failures(self) -> dict[str, EngineUnavailable]:
+        """Requests that ended outside a step's outputs (lost prefill, queue timeout), with their error."""
         failures, self.failures = self.failures, {}
         return failures
+
+    def _observe_decode(self, now: float, num_decode: int, seconds: float) -> None:
+        """TPOT (time since the previous decode step) for the running bound and Semi-PD's split."""
+        if self._last_decode_at is not None:
+            tpot = now - self._last_decode_at
+            active = len(self.scheduler.running) + len(self.scheduler.prefilling)
+            self.running_bound.observe(now, tpot, active)
+            if self.split is not None:
+                self.split.observe_tpot(tpot)
+        if self.split is not None:
+            self.split.observe_rate("decode", len(self._follower.cores), num_decode, seconds)
+        self._last_decode_at = now
+
+    def _expire_waiting(self, now: float) -> None:
+        """Drop the requests that waited past queue_timeout_s without starting; their callers get
+        QueueTimeout through take_failures."""
+        expired = self.queue_bounds.expired(self.scheduler.waiting, now)
+        if not expired:
+            return
+        self.scheduler.drop_waiting(expired)
+        error = self.queue_bounds.timeout_error(len(self.scheduler.waiting))
+        for seq in expired:
+            seq.finish_reason = "abort"
+            self.sequences.pop(seq.request_id, None)
+            self.failures[seq.request_id] = error
+            self.counters["queue_timeouts"] += 1
 
     def _merge_prefills(self) -> list[RequestOutput]:
         outputs = []
@@ -205,6 +274,9 @@ class LLMEngine:
             self.counters["prompt"] += seq.num_prompt_tokens
             self.counters["cached"] += seq.num_cached_tokens
         seq.token_ids.append(token)
+        if seq.matcher is not None:
+            seq.token_bitmask = None
+            seq.matcher.consume_token(token)  # the token came from the matcher's own mask
         self.counters["generation"] += 1
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -213,6 +285,7 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self.sequences.pop(seq.request_id, None)
             self.scheduler.finish(seq)
+            self.scheduler.admission.finished(seq)
             self.counters["finished"] += 1
             self.latency.finished(seq.arrival_time, seq.first_token_time, seq.num_output_tokens, now)
         return self._output(seq, [token], [logprob] if logprob is not None else [])
@@ -223,6 +296,8 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.matched_stop
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            seq.finish_reason = "stop"  # the grammar is complete (or cannot continue)
         elif not p.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -248,7 +323,11 @@ class LLMEngine:
             requests_finished_total=c["finished"], requests_aborted_total=c["aborted"],
             pd_mode="semi_pd" if self.split is not None else "colocated",
             num_prefilling=len(self.scheduler.prefilling), split=self._split_stats(),
-            latency=self.latency.snapshot())
+            latency=self.latency.snapshot(), running_bound=self.running_bound.value,
+            reserved_pages=bm.num_pages - bm.num_free_pages + self.scheduler.committed_pages(),
+            new_token_ratio=self.scheduler.admission.ratio, retractions_total=self.scheduler.num_preemptions,
+            rejected_total=c["rejected"], queue_timeouts_total=c["queue_timeouts"],
+            drain_rate=self.queue_bounds.drain.per_s or 0.0)
 
     def _split_stats(self) -> SplitStats | None:
         if self.split is None:
@@ -268,6 +347,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Release the shared segment (Semi-PD); the engine is unusable afterwards."""
+        self._masks.shutdown(wait=False)
         if self.storage is not None:
             self.storage.close()
             self.storage = None

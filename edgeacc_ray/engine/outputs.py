@@ -84,6 +84,14 @@ class EngineStats:
     num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
     split: SplitStats | None = None
     latency: LatencySnapshot | None = None
+    # Admission (engine/admission.py, running_bound.py, queue_bounds.py).
+    running_bound: int = 0  # requests that may run at once now (follows tpot_slo_ms, at most max_num_seqs)
+    reserved_pages: int = 0  # pages held by admitted requests plus those their reservations still expect
+    new_token_ratio: float = 0.0  # share of its remaining max_tokens a request's reservation counts now
+    retractions_total: int = 0  # running requests sent back to wait because the pool ran short
+    rejected_total: int = 0  # refused on arrival: queue full or predicted wait too long
+    queue_timeouts_total: int = 0  # dropped after waiting longer than queue_timeout_s
+    drain_rate: float = 0.0  # requests started per second while some waited (0: not measured yet)
 
     @property
     def kv_usage(self) -> float:

@@ -23,6 +23,8 @@ class PrefillTask:
     page_table: list[int]  # pages granted by the decode side, covering every token
     params: SamplingParams
     generator_state: torch.Tensor | None = None  # a seeded request's RNG state
+    token_bitmask: torch.Tensor | None = None  # a constrained request's allowed first tokens
+    eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens
 
 
 @dataclass

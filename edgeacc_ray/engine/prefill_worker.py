@@ -71,6 +71,7 @@ def _sequence(task: PrefillTask) -> Sequence:
     seq.token_ids = list(task.token_ids)
     seq.page_table = list(task.page_table)
     seq.num_computed_tokens = task.num_computed_tokens
+    seq.token_bitmask, seq.eos_token_ids = task.token_bitmask, task.eos_token_ids
     if task.generator_state is not None:
         seq.generator.set_state(task.generator_state)
     return seq

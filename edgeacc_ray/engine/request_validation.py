@@ -12,16 +12,19 @@ from edgeacc_ray.engine.sampling_params import SamplingParams
 MAX_STOP_STRINGS = 16  # per request; each is searched for after every token
 MAX_STOP_LENGTH = 256  # characters; the longest stop string is held back from the stream
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What a request is checked against: the served model's context and vocabulary."""
+    """What a request is checked against: the served model's context and vocabulary, and the KV
+    pool's capacity (which caps max_model_len: a request's KV never outgrows the pool)."""
 
     max_model_len: int
     vocab_size: int
     max_logprobs: int
+    kv_capacity_tokens: int
 
 
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits: RequestLimits) -> None:
@@ -29,6 +32,11 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits
     n, limit = len(prompt_token_ids), limits.max_model_len
     if n == 0:
         raise InvalidRequest("prompt", "the prompt is empty: give at least one token")
+    if n >= limit and limit == limits.kv_capacity_tokens:
+        raise InvalidRequest("prompt", f"The server's KV cache holds {limit} tokens, which is this model's maximum "
+                             f"context length here. Your prompt has {n} tokens, which leaves no room for output (at "
+                             f"most {limit - 1} prompt tokens). Please reduce the length of the prompt.",
+                             "exceeds_kv_capacity")
     if n >= limit:
         raise InvalidRequest("prompt", f"This model's maximum context length (max_model_len) is {limit} tokens. Your prompt "
                              f"has {n} tokens, which leaves no room for output (at most {limit - 1} prompt tokens). "
@@ -66,6 +74,14 @@ def _validate_params(p: SamplingParams, limits: RequestLimits) -> None:
          f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {len(p.stop_token_ids)}"),
         ("stop_token_ids", all(isinstance(t, int) and 0 <= t < limits.vocab_size for t in p.stop_token_ids),
          f"stop_token_ids must be token ids in [0, {limits.vocab_size})"),
+        ("min_tokens", isinstance(p.min_tokens, int) and 0 <= p.min_tokens <= p.max_tokens,
+         f"min_tokens must be between 0 and max_tokens ({p.max_tokens}), got {p.min_tokens}"),
+        ("logit_bias", len(p.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+         f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(p.logit_bias)}"),
+        ("logit_bias", all(isinstance(t, int) and 0 <= t < limits.vocab_size for t in p.logit_bias),
+         f"logit_bias keys must be token ids in [0, {limits.vocab_size})"),
+        ("logit_bias", all(-100.0 <= v <= 100.0 for v in p.logit_bias.values()),
+         "logit_bias values must be in [-100, 100]"),
     ]
     for field, ok, message in checks:
         if not ok:

@@ -1,18 +1,21 @@
-"""Turn last-position logits into next tokens: penalties, temperature, top-k/top-p/min-p, seeds,
-and log-probabilities of the chosen token with top alternatives."""
+"""Turn last-position logits into next tokens: logit controls (bias, min_tokens, grammar), penalties,
+temperature, top-k/top-p/min-p, seeds, and log-probabilities of the chosen token with top alternatives."""
 from __future__ import annotations
 
 import torch
 
+from edgeacc_ray.engine.logit_controls import apply_logit_controls
 from edgeacc_ray.engine.outputs import TokenLogprob
 from edgeacc_ray.engine.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits [len(seqs), vocab] float32 -> one token id per sequence, and logprobs where asked for."""
+    """logits [len(seqs), vocab] float32 -> one token id per sequence, and logprobs where asked for
+    (of the model's distribution, before penalties, biases and grammars)."""
     raw = logits
+    logits = apply_logit_controls(logits, seqs)
     if any(s.params.has_penalties for s in seqs):
-        logits = logits.clone()
+        logits = logits.clone() if logits is raw else logits
         for row, seq in enumerate(seqs):
             if seq.params.has_penalties:
                 _apply_penalties(logits[row], seq)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgeacc_ray.engine.structured_output import StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +24,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; 0: chosen token only; k: also the top-k alternatives
     skip_special_tokens: bool = True
+    min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -32,6 +37,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_logit_controls(self) -> bool:
+        """Something changes which tokens may come next: a grammar, a bias, a minimum length."""
+        return self.structured is not None or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def has_penalties(self) -> bool:

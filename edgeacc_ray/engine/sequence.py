@@ -37,6 +37,9 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
+    matcher: Any = None  # llguidance matcher of a constrained request (advanced as tokens come out)
+    token_bitmask: torch.Tensor | None = None  # allowed next tokens, packed bits (set before sampling)
+    eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens are out
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -31,9 +31,15 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def unavailable(message: str, code: str = "engine_unavailable") -> APIError:
+def unavailable(message: str, code: str = "engine_unavailable", retry_after_s: int | None = None) -> APIError:
     return APIError(503, message, type="service_unavailable", code=code,
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
+                    headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)})
+
+
+def overloaded(message: str, retry_after_s: int | None, code: str | None = None) -> APIError:
+    """429: come back after `retry_after_s` (the engine's estimate from its measured drain rate)."""
+    return APIError(429, message, type="rate_limit_exceeded", code=code or "overloaded",
+                    headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)})
 
 
 def from_engine_error(exc: BaseException, request_id: str, param_names: Mapping[str, str]) -> APIError:
@@ -43,9 +49,11 @@ def from_engine_error(exc: BaseException, request_id: str, param_names: Mapping[
         return exc
     if isinstance(exc, InvalidRequest):
         return APIError(400, str(exc), param=param_names.get(exc.field, exc.field), code=exc.code)
+    if isinstance(exc, EngineOverloaded):
+        return overloaded(str(exc), exc.retry_after_s, exc.code)
     if isinstance(exc, EngineUnavailable):
         logger.warning("request %s: engine unavailable: %s", request_id, exc)
-        return unavailable(f"{exc}; retry the request")
+        return unavailable(str(exc), exc.code or "engine_unavailable", exc.retry_after_s)
     logger.error("request %s failed", request_id, exc_info=exc)
     return APIError(500, "internal error; the server log has the details (request id "
                     f"{request_id})", type="internal_server_error", code="internal_error")

@@ -79,6 +79,19 @@ class _Snapshot:
                             s.requests_finished_total + s.requests_aborted_total)
         yield self._counter("sglang:num_aborted_requests_total", "Number of requests aborted.",
                             s.requests_aborted_total)
+        yield self._gauge("edgeacc:running_bound", "Requests that may run at once now (follows tpot_slo_ms)",
+                          s.running_bound)
+        yield self._gauge("edgeacc:reserved_pages", "KV pages held or reserved by admitted requests", s.reserved_pages)
+        yield self._gauge("edgeacc:new_token_ratio", "Share of remaining max_tokens a KV reservation counts",
+                          s.new_token_ratio)
+        yield self._gauge("edgeacc:queue_drain_rate", "Requests started per second while some waited",
+                          s.drain_rate)
+        yield self._counter("edgeacc:retractions_total", "Running requests sent back to wait (pool short)",
+                            s.retractions_total)
+        yield self._counter("edgeacc:rejected_requests_total", "Requests refused on arrival (HTTP 429)",
+                            s.rejected_total)
+        yield self._counter("edgeacc:queue_timeouts_total", "Requests dropped after queue_timeout_s (HTTP 503)",
+                            s.queue_timeouts_total)
         yield self._gauge("edgeacc:num_free_pages", "Free KV pages (cached pages excluded)", s.num_free_pages)
         yield self._gauge("edgeacc:num_cached_pages", "Evictable prefix-cache KV pages", s.num_cached_pages)
         if s.split is not None:

@@ -5,15 +5,19 @@ the sampling settings. The one place the HTTP layer checks a request; what the e
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.structured_output import StructuredOutput
 from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.logprobs import TokenText
-from edgeacc_ray.http.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from edgeacc_ray.http.protocol.openai import (ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat,
+                                              SamplingFields)
 from edgeacc_ray.http.protocol.sglang import GenerateRequest, GenerateSamplingParams
+from edgeacc_ray.http.tool_calls import HermesTools, hermes_history
 
 # Texts longer than this are tokenized in a thread, off the event loop every stream shares.
 INLINE_TOKENIZE_CHARS = 8192
@@ -43,6 +47,7 @@ class Prepared:
     n: int
     param_names: dict[str, str] = field(default_factory=dict)
     batch: bool = False  # /generate: answer with a list
+    tools: HermesTools | None = None  # chat with tools: how to find calls in the output
 
     def engine_requests(self, base_id: str) -> list[tuple[str, list[int], SamplingParams]]:
         """(request id, prompt ids, params) for every choice of every prompt; choice i of a seeded
@@ -67,6 +72,7 @@ class Preprocessor:
         self.tokenizer_path = str(tokenizer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.token_text = TokenText(self.tokenizer)
+        self._template_renders_tools = "tools" in str(getattr(self.tokenizer, "chat_template", "") or "")
 
     # ---- shared checks ----
     def check_model(self, name: str | None) -> None:
@@ -114,8 +120,6 @@ class Preprocessor:
 
     @staticmethod
     def _openai_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -131,24 +135,34 @@ class Preprocessor:
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            min_tokens=req.min_tokens,
+            logit_bias=_token_bias(req.logit_bias, "logit_bias"),
+            structured=_response_format(req.response_format),
         )
 
     # ---- /v1/chat/completions ----
     async def chat(self, req: ChatCompletionRequest, max_model_len: int) -> Prepared:
         self.check_model(req.model)
         self._check_choices([req.n])
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than text is not supported", param="response_format")
+        tools = HermesTools(req.tools, req.tool_choice, req.parallel_tool_calls) if req.tools else None
+        if tools is None and req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice names a tool, but the request has no tools", param="tool_choice")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = [self._message(m) for m in req.messages]
+        template_kwargs = dict(req.chat_template_kwargs or {})
+        if self._template_renders_tools:
+            if tools is not None:
+                template_kwargs["tools"] = tools.template_tools()
+        elif tools is not None or any(m.tool_calls or m.role == "tool" for m in req.messages):
+            messages = hermes_history(messages)
+            if tools is not None:
+                messages = tools.describe_in_system_prompt(messages)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tokenize=False,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message, **(req.chat_template_kwargs or {}))
+                continue_final_message=req.continue_final_message, **template_kwargs)
         except Exception as exc:  # jinja errors, a template that rejects the conversation
             raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
         if not isinstance(text, str):
@@ -158,8 +172,14 @@ class Preprocessor:
         max_tokens = self._max_tokens(ids, requested, max_model_len, max_param, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._openai_params(req, max_tokens, logprobs)
-        return Prepared([PreparedPrompt(ids, params)], req.n,
-                        {"prompt": "messages", "max_tokens": max_param, "logprobs": "top_logprobs"})
+        names = {"prompt": "messages", "max_tokens": max_param, "logprobs": "top_logprobs", **_OPENAI_NAMES}
+        forced = tools.grammar() if tools is not None else None
+        if forced is not None:
+            if params.structured is not None:
+                raise APIError(400, "response_format cannot be combined with tool_choice 'required' or a named "
+                               "function", param="response_format")
+            params.structured, names["structured"] = forced, "tools"
+        return Prepared([PreparedPrompt(ids, params)], req.n, names, tools=tools)
 
     @staticmethod
     def _message(m: ChatMessage) -> dict[str, Any]:
@@ -173,9 +193,13 @@ class Preprocessor:
                                    param="messages")
                 parts.append(part.text or "")
             content = "".join(parts)
-        msg = {"role": m.role, "content": content}
+        msg: dict[str, Any] = {"role": m.role, "content": content}
         if m.name:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
         return msg
 
     # ---- /v1/completions ----
@@ -195,7 +219,7 @@ class Preprocessor:
             max_tokens = self._max_tokens(ids, req.max_tokens, max_model_len, "max_tokens", "prompt")
             prepared.append(PreparedPrompt(ids, self._openai_params(req, max_tokens, req.logprobs),
                                            text=p if isinstance(p, str) else None))
-        return Prepared(prepared, req.n, {"prompt": "prompt"})
+        return Prepared(prepared, req.n, {"prompt": "prompt", **_OPENAI_NAMES})
 
     @staticmethod
     def _completion_prompts(p: str | list) -> list[str | list[int]]:
@@ -231,12 +255,20 @@ class Preprocessor:
 
         sps = per_prompt(req.sampling_params, GenerateSamplingParams(), "sampling_params")
         rets = per_prompt(req.return_logprob, False, "return_logprob")
+        starts = per_prompt(req.logprob_start_len, -1, "logprob_start_len")
+        if any(ret and start is not None and start >= 0 for ret, start in zip(rets, starts)):
+            raise APIError(400, "input token logprobs (logprob_start_len >= 0) are not supported; use -1",
+                           param="logprob_start_len")
         tops = per_prompt(req.top_logprobs_num, 0, "top_logprobs_num")
         rids = per_prompt(req.rid, None, "rid")
         self._check_choices([sp.n for sp in sps], "sampling_params.n")
         names = {"max_tokens": "sampling_params.max_new_tokens", "prompt": prompt_param,
-                 "logprobs": "top_logprobs_num", **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS}}
+                 "logprobs": "top_logprobs_num", "min_tokens": "sampling_params.min_new_tokens",
+                 **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS}}
         prepared = []
+        if any(sp.json_schema or sp.regex or sp.ebnf for sp in sps):
+            names["structured"] = next(f"sampling_params.{f}" for sp in sps for f in ("json_schema", "regex", "ebnf")
+                                       if getattr(sp, f))
         for prompt, sp, ret, top, rid in zip(prompts, sps, rets, tops, rids):
             if ret and top < 0:
                 raise APIError(400, f"top_logprobs_num must be >= 0, got {top}", param="top_logprobs_num")
@@ -251,13 +283,15 @@ class Preprocessor:
 
     @staticmethod
     def _sglang_params(sp: GenerateSamplingParams, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
-        for name in ("json_schema", "regex", "ebnf"):
-            if getattr(sp, name) is not None:
-                raise APIError(400, f"sampling_params.{name}: constrained decoding is not supported",
-                               param=f"sampling_params.{name}")
-        for name in ("min_new_tokens", "no_stop_trim", "logit_bias"):
-            if getattr(sp, name):
-                raise APIError(400, f"sampling_params.{name} is not supported", param=f"sampling_params.{name}")
+        grammars = [(name, getattr(sp, name)) for name in ("json_schema", "regex", "ebnf") if getattr(sp, name)]
+        if len(grammars) > 1:
+            raise APIError(400, "give at most one of sampling_params.json_schema, regex and ebnf",
+                           param=f"sampling_params.{grammars[1][0]}")
+        if sp.no_stop_trim:
+            raise APIError(400, "sampling_params.no_stop_trim is not supported", param="sampling_params.no_stop_trim")
+        if not sp.spaces_between_special_tokens:
+            raise APIError(400, "sampling_params.spaces_between_special_tokens=false is not supported",
+                           param="sampling_params.spaces_between_special_tokens")
         return SamplingParams(
             max_tokens=max_new_tokens,
             temperature=sp.temperature,
@@ -273,4 +307,31 @@ class Preprocessor:
             ignore_eos=sp.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=sp.skip_special_tokens,
+            min_tokens=sp.min_new_tokens,
+            logit_bias=_token_bias(sp.logit_bias, "sampling_params.logit_bias"),
+            structured=StructuredOutput(*grammars[0]) if grammars else None,
         )
+
+
+_OPENAI_NAMES = {"structured": "response_format"}
+
+
+def _token_bias(bias: dict[str, float] | None, param: str) -> dict[int, float]:
+    """OpenAI's and SGLang's logit_bias keys are token ids written as strings."""
+    out = {}
+    for key, value in (bias or {}).items():
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise APIError(400, f"{param} keys must be token ids, got {key!r}", param=param) from None
+    return out
+
+
+def _response_format(fmt: ResponseFormat | None) -> StructuredOutput | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutput("json_object")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+    return StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))

@@ -55,6 +55,8 @@ def router(ctx: ApiContext) -> APIRouter:
         except asyncio.TimeoutError:
             raise unavailable("the engine did not generate a token in time", code="unhealthy") from None
         except APIError as exc:
+            if exc.status == 429:  # busy serving others: its refusal came from a live engine
+                return Response(status_code=200)
             raise unavailable(f"the engine did not generate: {exc.message}", code="unhealthy") from None
         return Response(status_code=200)
 

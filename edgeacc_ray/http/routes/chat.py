@@ -12,6 +12,7 @@ from edgeacc_ray.http.logprobs import chat_logprobs
 from edgeacc_ray.http.protocol.common import new_id, now, usage_dict
 from edgeacc_ray.http.protocol.openai import ChatCompletionRequest
 from edgeacc_ray.http.sse import SSE_DONE, sse
+from edgeacc_ray.http.tool_calls import HermesTools, ToolCallStream
 
 
 def router(ctx: ApiContext) -> APIRouter:
@@ -24,17 +25,25 @@ def router(ctx: ApiContext) -> APIRouter:
         reqs = await ctx.start(prepared, rid)
         prompt_len = len(prepared.prompts[0].ids)
         top_n = prepared.prompts[0].params.logprobs
+        tools = prepared.tools if prepared.tools is not None and prepared.tools.parses_calls else None
         created = now()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return ctx.stream(_events(ctx, rid, created, reqs, prompt_len, include_usage, top_n))
+            return ctx.stream(_events(ctx, rid, created, reqs, prompt_len, include_usage, top_n, tools))
         results = await collect_all(reqs)
         choices = []
         for i, res in enumerate(results):
-            choice = {"index": i, "message": {"role": "assistant", "content": res.text},
+            message: dict = {"role": "assistant", "content": res.text}
+            finish_reason = res.finish_reason
+            if tools is not None:
+                content, calls = tools.parse(res.text)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            choice = {"index": i, "message": message,
                       "logprobs": ({"content": chat_logprobs(res.logprobs, ctx.pre.token_text, top_n)}
                                    if top_n is not None else None),
-                      "finish_reason": res.finish_reason}
+                      "finish_reason": finish_reason}
             if res.stop_reason is not None:
                 choice["stop_reason"] = res.stop_reason
             choices.append(choice)
@@ -47,7 +56,7 @@ def router(ctx: ApiContext) -> APIRouter:
 
 
 async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequest], prompt_len: int,
-                  include_usage: bool, top_n: int | None) -> AsyncIterator[str]:
+                  include_usage: bool, top_n: int | None, tools: HermesTools | None) -> AsyncIterator[str]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
     if include_usage:
         base["usage"] = None
@@ -56,17 +65,30 @@ async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequ
                                         "logprobs": None, "finish_reason": None}]})
     completion = [0] * len(reqs)
     cached = [0] * len(reqs)
+    calls = [ToolCallStream(tools) for _ in reqs] if tools is not None else None
     merged = merge(reqs)
     try:
         async for i, chunk in merged:
             completion[i] += len(chunk.token_ids)
             cached[i] = chunk.num_cached_tokens or cached[i]
-            if not chunk.text and not chunk.finished and not chunk.logprobs:
+            text, finish_reason = chunk.text, chunk.finish_reason
+            delta: dict = {}
+            if calls is not None:  # content flows until a tool call may begin; calls go out whole at the end
+                text = calls[i].feed(chunk.text)
+                if chunk.finished:
+                    rest, found = calls[i].finish()
+                    text += rest
+                    if found:
+                        delta["tool_calls"] = [c.to_openai(index=j) for j, c in enumerate(found)]
+                        finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            if text:
+                delta = {"content": text, **delta}
+            if not delta and not chunk.finished and not chunk.logprobs:
                 continue
-            choice = {"index": i, "delta": {"content": chunk.text} if chunk.text else {},
+            choice = {"index": i, "delta": delta,
                       "logprobs": ({"content": chat_logprobs(chunk.logprobs or [], ctx.pre.token_text, top_n)}
                                    if top_n is not None else None),
-                      "finish_reason": chunk.finish_reason if chunk.finished else None}
+                      "finish_reason": finish_reason if chunk.finished else None}
             if chunk.finished and chunk.stop_reason is not None:
                 choice["stop_reason"] = chunk.stop_reason
             yield sse({**base, "choices": [choice]})

@@ -1,0 +1,66 @@
+"""The running bound follows TPOT against its target: down when a window's p90 misses it, up while
+there is headroom and the bound held requests back, never outside [1, max_num_seqs]. Driven with
+synthetic measurements (it is a unit)."""
+from __future__ import annotations
+
+from edgeacc_ray.engine.running_bound import MIN_SAMPLES, RunningBound
+
+
+def window(bound: RunningBound, start: float, tpot_ms: float, batch: int, held_back: bool = False) -> float:
+    """One window of decode steps at `tpot_ms` with `batch` running, after `start` (where the last
+    one closed); returns where this one closes."""
+    if held_back:
+        bound.held_back()
+    for k in range(1, MIN_SAMPLES + 1):
+        bound.observe(start + k * bound.window_s / MIN_SAMPLES, tpot_ms / 1000, batch)
+    return start + bound.window_s
+
+
+def test_the_bound_goes_down_over_the_target_and_back_up_with_headroom():
+    bound = RunningBound(max_num_seqs=64, tpot_slo_ms=100.0)
+    assert bound.value == 64
+    bound.observe(0.0, 0.05, 40)  # the first decode step opens the first window
+    t = window(bound, 0.0, 50.0, batch=40)
+    assert bound.value == 64  # under target, nobody held back: no change
+    t = window(bound, t, 150.0, batch=40)
+    assert bound.value == 35 and bound.last_tpot_p90_ms == 150.0  # the batch that missed, less 1/8
+    t = window(bound, t, 150.0, batch=40)
+    assert bound.value == 35  # still draining the larger batch: no second cut
+    t = window(bound, t, 150.0, batch=35)
+    assert bound.value == 31
+    t = window(bound, t, 90.0, batch=31, held_back=True)
+    assert bound.value == 31  # within 80% .. 100% of the target: hold
+    values = []
+    for _ in range(30):
+        t = window(bound, t, 50.0, batch=bound.value, held_back=True)
+        values.append(bound.value)
+    assert values[0] == 32 and values == sorted(values)  # up by 1/16 (at least one) per window
+    assert values[-1] == 64  # capped at max_num_seqs
+
+
+def test_the_bound_never_drops_below_one():
+    bound = RunningBound(max_num_seqs=4, tpot_slo_ms=10.0)
+    bound.observe(0.0, 0.5, 4)
+    t = 0.0
+    for _ in range(10):
+        t = window(bound, t, 500.0, batch=bound.value)
+    assert bound.value == 1
+
+
+def test_a_window_with_few_samples_moves_nothing():
+    bound = RunningBound(max_num_seqs=16, tpot_slo_ms=10.0)
+    for i in range(MIN_SAMPLES - 1):
+        bound.observe(i * 0.1, 1.0, 16)
+    bound.observe(1.0, 1.0, 16)  # closes a window of MIN_SAMPLES samples ...
+    assert bound.value == 14
+    for i in range(1, MIN_SAMPLES - 1):
+        bound.observe(1.0 + i * 0.1, 1.0, 14)
+    bound.observe(2.0, 1.0, 14)  # ... and one of a sample fewer
+    assert bound.value == 14
+
+
+def test_without_a_target_the_bound_is_max_num_seqs():
+    bound = RunningBound(max_num_seqs=8, tpot_slo_ms=None)
+    bound.observe(0.0, 10.0, 8)
+    window(bound, 0.0, 10_000.0, batch=8)
+    assert bound.value == 8
