@@ -23,6 +23,8 @@ class RequestResult:
 
     success: bool = False
     error: str = ""
+    status: int = 0  # HTTP status (0: no response)
+    retry_after: str | None = None  # the Retry-After header of a refusal
     start: float = 0.0
     ttft: float = 0.0
     latency: float = 0.0
@@ -87,6 +89,7 @@ async def stream_request(
     result.start = last = time.perf_counter()
     try:
         async with client.stream("POST", base_url.rstrip("/") + path, json=body) as resp:
+            result.status, result.retry_after = resp.status_code, resp.headers.get("retry-after")
             if resp.status_code != 200:
                 detail = (await resp.aread()).decode(errors="replace")[:300]
                 result.error = f"HTTP {resp.status_code}: {detail}"
