@@ -154,7 +154,7 @@ def report(o: Outcome) -> dict:
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", required=True, help="name=http://127.0.0.1:PORT/ROUTE ...")
     parser.add_argument("--model", default="small")
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     print("median goodput per target:", {name: statistics.median(r["goodput_tok_s"] for r in rows if r["target"] == name)
                                           for name, *_ in targets})
+    return rows
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_multiturn, bench_serving
+from benchmarks import bench_multiturn, bench_overload, bench_serving
 
 
 def test_sweep_against_the_served_app(serve_app_url: str, tiny_model_path: str, tmp_path: Path) -> None:
@@ -33,3 +33,12 @@ def test_multiturn_against_the_served_app(serve_app_url: str, tiny_model_path: s
     assert 0 < r["hit_rate_metrics"] <= r["hit_rate_ideal"]
     assert r["hit_rate_usage"] == pytest.approx(r["hit_rate_metrics"], abs=0.02)
     assert (tmp_path / "multiturn_e2e.png").exists()
+
+
+def test_overload_run_against_the_served_app(serve_app_url: str) -> None:
+    [row] = bench_overload.main(["--targets", f"edgeacc={serve_app_url}", "--model", "tiny", "--clients", "6",
+                                 "--max-tokens", "4", "--time-limit", "60"])
+    assert row["mix"] == {"complete": 6} and row["goodput_tok_s"] > 0
+    assert row["pages_in_use_after"] == 0 and row["peak_rss_mb"] > 0  # the app's replica processes were found
+    with pytest.raises(SystemExit):  # loopback only
+        bench_overload.main(["--targets", "x=http://10.0.0.1:8000", "--clients", "1"])
