@@ -39,8 +39,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     cfg = ServeConfig.from_sources(args)
     model_path = resolve_model_path(cfg.model)
     if cfg.enable_edge_acc:
-        logger.warning("enable_edge_acc=True: Semi-PD is on; KV offload and the dynamic queue are not wired "
-                       "into this build yet")
+        logger.info("enable_edge_acc=True: pd_mode=%s, enable_hierarchical_cache=%s (KV offload tier, %.1f GB), "
+                    "dynamic running bound (tpot_slo_ms=%s)", cfg.pd_mode, cfg.enable_hierarchical_cache,
+                    cfg.kv_cache_offload_memory_gb, cfg.tpot_slo_ms)
     config = cfg.model_dump()
     actor_options = {"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
                      **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})}

@@ -61,7 +61,8 @@ class ServeConfig(EngineSettings):
 
     # Parallelism and the EdgeAcc feature set.
     tensor_parallel_size: int = Field(1, ge=1)
-    enable_edge_acc: bool = Field(False, description="the recommended set: pd_mode semi_pd (unless pd_mode is set)")
+    enable_edge_acc: bool = Field(False, description="the recommended set: pd_mode semi_pd and "
+                                  "enable_hierarchical_cache (each unless set explicitly)")
     pd_mode: Literal["colocated", "semi_pd"] = Field(
         "colocated", description="colocated: one engine does both phases; semi_pd: prefill and decode deployments "
         "on shares of the same device, one pool and one copy of the weights")
@@ -102,6 +103,8 @@ class ServeConfig(EngineSettings):
     def _consistent(self) -> "ServeConfig":
         if self.enable_edge_acc and "pd_mode" not in self.model_fields_set:
             self.pd_mode = "semi_pd"
+        if self.enable_edge_acc and "enable_hierarchical_cache" not in self.model_fields_set:
+            self.enable_hierarchical_cache = self.enable_prefix_caching  # the tier needs the prefix keys
         if self.pd_mode == "semi_pd" and self.engine_device() != "cpu":
             raise ValueError("pd_mode='semi_pd' runs on CPU nodes in this build (the CUDA path, IPC handles and "
                              "an MPS split, is not implemented yet); use pd_mode='colocated' on GPUs")

@@ -23,6 +23,7 @@ class LLM:
 
     def __init__(self, model: str = "tiny", **engine_args: Any) -> None:
         """`semi_pd=SemiPDConfig(...)` runs prompts in a spawned prefill process on a shared pool.
+        `enable_hierarchical_cache=True` needs `ray.init()` first (the tier's store is a Ray actor).
         Queue bounds and the TPOT-driven running bound are off unless given (`OFFLINE_DEFAULTS`)."""
         config = EngineConfig(model=model, **{**OFFLINE_DEFAULTS, **engine_args})
         self.prefill_process = ProcessPrefillExecutor(config.max_num_batched_tokens) if config.semi_pd else None
@@ -35,7 +36,8 @@ class LLM:
         self._ids = itertools.count()
 
     def close(self) -> None:
-        """Stop the prefill process and release the shared segment (Semi-PD); a no-op otherwise."""
+        """Stop the prefill process, release the shared segment (Semi-PD) and send the KV tier its
+        queued pages."""
         if self.prefill_process is not None:
             self.prefill_process.shutdown()
             self.prefill_process = None
@@ -70,8 +72,8 @@ class LLM:
         results: dict[str, CompletionOutput] = {
             rid: CompletionOutput(rid, tokens, [], "", None) for rid, tokens in zip(request_ids, token_lists)}
         while self.engine.has_unfinished():
-            if self.engine.waiting_on_prefill():
-                self.engine.dispatcher.wait()
+            if self.engine.waiting_on_io():
+                self.engine.wait_io()
             outputs = self.engine.step()
             failures = self.engine.take_failures()
             if failures:  # a lost prefill or a queue timeout: the whole call fails

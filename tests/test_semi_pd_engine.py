@@ -87,8 +87,8 @@ def test_abort_while_the_prompt_is_in_the_prefill_process(semi_pd):
     assert engine.abort("gone").finish_reason == "abort"
     tokens = []
     while engine.has_unfinished():
-        if engine.waiting_on_prefill():
-            engine.dispatcher.wait()
+        if engine.waiting_on_io():
+            engine.wait_io()
         tokens += [t for out in engine.step() if out.request_id == "stays" for t in out.token_ids]
     assert len(tokens) == GREEDY.max_tokens
     assert_pool_idle(semi_pd)

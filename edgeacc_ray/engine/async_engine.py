@@ -140,11 +140,13 @@ class AsyncLLMEngine:
             return
         if self.engine.dispatcher is not None:
             self.engine.dispatcher.notify = self._wakeup.set
+        if self.engine.tier is not None:
+            self.engine.tier.notify = self._wakeup.set
         ready.set()
         try:
             while self._running:
                 self._drain_commands()
-                if not self.engine.has_unfinished() or self.engine.waiting_on_prefill():
+                if not self.engine.has_unfinished() or self.engine.waiting_on_io():
                     self._wakeup.wait()
                     self._wakeup.clear()
                     continue

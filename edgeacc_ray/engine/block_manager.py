@@ -2,12 +2,15 @@
 
 A full page's key is hash(parent page's key, the page's token ids), so equal prefixes give equal
 keys in every process (DESIGN §3). Pages no sequence references stay cached under their key
-until a new allocation needs them; the least recently released goes first.
+until a new allocation needs them; the least recently released goes first. With the offload tier
+(engine/hierarchical_cache.py) the block manager also lists the pages it keys as they are computed
+(`take_new_pages`), and takes in pages the tier brought back (`attach`).
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,11 +24,23 @@ def page_key(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+@dataclass
+class NewPages:
+    """Consecutive pages of one chain keyed for the first time: keys[0]'s parent is `parent`."""
+
+    parent: bytes
+    keys: list[bytes]
+    pages: list[int]
+
+
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 record_new_pages: bool = False) -> None:
+        """`record_new_pages`: list the pages computed and keyed here for `take_new_pages`."""
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.new_pages: list[NewPages] | None = [] if record_new_pages else None
         self.ref_count = [0] * num_pages
         self.key_of_page: list[bytes | None] = [None] * num_pages
         self.page_of_key: dict[bytes, int] = {}
@@ -61,6 +76,7 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.page_table) * size
         if seq.num_output_tokens == 0:  # a preempted sequence keeps the count of its first admission
             seq.num_cached_tokens = seq.num_computed_tokens
+            seq.num_host_cached_tokens = 0
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Extend seq's page table to hold num_tokens tokens; False (and no change) if pages run out."""
@@ -76,15 +92,55 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.page_size
+        run: NewPages | None = None
         while (len(seq.page_keys) + 1) * size <= seq.num_computed_tokens:
             index = len(seq.page_keys)
             parent = seq.page_keys[-1] if seq.page_keys else ROOT_KEY
             key = page_key(parent, seq.token_ids[index * size:(index + 1) * size])
             seq.page_keys.append(key)
             page = seq.page_table[index]
-            if key not in self.page_of_key and self.key_of_page[page] is None:
+            if key in self.page_of_key or self.key_of_page[page] is not None:
+                run = None  # computed twice (another sequence keyed it first): listed once, by it
+                continue
+            self.page_of_key[key] = page
+            self.key_of_page[page] = key
+            if self.new_pages is None:
+                continue
+            if run is None:
+                run = NewPages(parent, [], [])
+                self.new_pages.append(run)
+            run.keys.append(key)
+            run.pages.append(page)
+
+    def take_new_pages(self) -> list[NewPages]:
+        """The pages keyed by `commit_full_pages` since the last call, in the order they were keyed
+        (a parent before its children). Read their KV before the next allocation can reuse them."""
+        if not self.new_pages:  # none since the last call, or not recording
+            return []
+        runs, self.new_pages = self.new_pages, []
+        return runs
+
+    def attach(self, seq: Sequence, keys: list[bytes]) -> list[tuple[int, int]]:
+        """Extend seq's cached prefix (its page table holds only keyed pages) by the pages of `keys`,
+        which continue its chain: a key cached here shares its page, any other gets a fresh page
+        keyed as if computed, until the pool runs out. Returns (index in keys, page) of the fresh
+        pages, whose KV the caller must write before they are read."""
+        fresh: list[tuple[int, int]] = []
+        for index, key in enumerate(keys):
+            page = self.page_of_key.get(key)
+            if page is not None:
+                self._acquire(page)
+            elif self.num_free_pages == 0:
+                break
+            else:
+                page = self._take_page()
                 self.page_of_key[key] = page
                 self.key_of_page[page] = key
+                fresh.append((index, page))
+            seq.page_table.append(page)
+            seq.page_keys.append(key)
+        seq.num_computed_tokens = len(seq.page_table) * self.page_size
+        return fresh
 
     def free(self, seq: Sequence) -> None:
         """Release a sequence's pages; keyed ones stay cached (newest last in the LRU order)."""

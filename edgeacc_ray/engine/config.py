@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ class EngineSettings(BaseModel):
         None, ge=2, description="default: the checkpoint's max_position_embeddings, capped at 32768")
     num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process (DESIGN §5)")
     enable_prefix_caching: bool = True
+    enable_hierarchical_cache: bool = Field(
+        False, description="offload tier (kv_store/, SGLang's HiCache): every full KV page is also written to "
+        "the node's store in the Ray object store, and a prompt's prefix missing from the device pool is "
+        "loaded from there; needs enable_prefix_caching and a Ray cluster")
+    kv_cache_offload_memory_gb: float = Field(
+        4.0, gt=0, description="byte budget of the node's tier store, applied by the engine that creates it "
+        "(at most half of the node's object store)")
     stream_interval: int = Field(4, ge=1, description="tokens per streamed chunk after the first, at least "
                                  "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
     max_logprobs: int = Field(20, ge=0)
@@ -69,6 +76,13 @@ class EngineSettings(BaseModel):
         60.0, gt=0, description="a request not started after this long is dropped (HTTP 503); null: never")
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _tier_needs_prefix_keys(self) -> "EngineSettings":
+        if self.enable_hierarchical_cache and not self.enable_prefix_caching:
+            raise ValueError("enable_hierarchical_cache needs enable_prefix_caching: the tier stores pages "
+                             "under the prefix cache's keys")
+        return self
+
 
 class EngineConfig(EngineSettings):
     """Settings of one native engine. `model` is an HF folder or a built-in name ("tiny", "small")."""
@@ -78,3 +92,4 @@ class EngineConfig(EngineSettings):
     model: str = Field("tiny", min_length=1)
     device: Literal["cpu", "cuda"] = "cpu"
     semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
+    kv_store_name: str | None = None  # the tier's store; None: the node's own (another: a separate tier)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from edgeacc_ray.engine.structured_output import GrammarCompiler, next_token_bit
 from edgeacc_ray.engine.unified_storage import MappedStorage, StorageSpec, export
 from edgeacc_ray.models.loader import load_model
 
+if TYPE_CHECKING:
+    from edgeacc_ray.engine.hierarchical_cache import HierarchicalCache
+
 MAX_DEFAULT_CONTEXT = 32768
 
 
@@ -44,6 +47,10 @@ class LLMEngine:
         from edgeacc_ray.builtin_models import resolve_model
 
         self.config = config
+        if config.enable_hierarchical_cache:  # imported here: the tier brings Ray, the engine alone does not need it
+            from edgeacc_ray.engine.hierarchical_cache import require_ray
+
+            require_ray()  # before the model loads
         semi_pd = config.semi_pd
         if semi_pd is not None and (config.device != "cpu" or prefill_executor is None):
             raise ValueError("semi_pd needs device='cpu' and a prefill executor")
@@ -79,20 +86,28 @@ class LLMEngine:
             self._follower = CoreSplitFollower(self._control, "decode")
         kv_cache = self.storage.kv_cache if self.storage is not None else None
         self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache)
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
+                                          record_new_pages=config.enable_hierarchical_cache)
+        self.tier: HierarchicalCache | None = None
+        if config.enable_hierarchical_cache:
+            from edgeacc_ray.engine.hierarchical_cache import HierarchicalCache
+
+            self.tier = HierarchicalCache.connect(self.model_path, int(config.kv_cache_offload_memory_gb * 2**30),
+                                                  self.block_manager, self.runner.kv_cache, config.kv_store_name)
         self.running_bound = RunningBound(config.max_num_seqs, config.tpot_slo_ms)
         admission = AdmissionPolicy(config.page_size, self.max_model_len, self.running_bound,
                                     config.new_token_ratio_init, config.new_token_ratio_min,
                                     config.reservation_clip_tokens)
         self.queue_bounds = QueueBounds(config.max_queued_requests, config.max_queue_wait_s, config.queue_timeout_s)
         self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens,
-                                   remote_prefill=semi_pd is not None)
+                                   remote_prefill=semi_pd is not None, tier=self.tier)
         self.eos_token_ids = self._eos_token_ids()
         self.grammars = GrammarCompiler(self.tokenizer)
         self._masks = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeacc-grammar")
         self.sequences: dict[str, Sequence] = {}
         self.failures: dict[str, EngineUnavailable] = {}  # requests that failed outside a step's outputs
-        self.counters = dict(prompt=0, generation=0, cached=0, finished=0, aborted=0, rejected=0, queue_timeouts=0)
+        self.counters = dict(prompt=0, generation=0, cached=0, host_cached=0, finished=0, aborted=0, rejected=0,
+                             queue_timeouts=0)
         self._num_admitted = 0  # scheduler.num_admitted at the last step (for the drain rate)
         self._last_decode_at: float | None = None
         self.latency = LatencyMetrics()
@@ -144,6 +159,8 @@ class LLMEngine:
         """Schedule, run one forward, sample, and return a chunk for every sequence that advanced.
         Semi-PD: first merge the prompts the prefill process finished, then hand it new ones."""
         outputs = self._merge_prefills() if self.dispatcher is not None else []
+        if self.tier is not None:
+            self.tier.write_through()  # the prompts just merged: before schedule() can reuse a freed page
         budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
         scheduled_at = time.monotonic()
         self._expire_waiting(scheduled_at)
@@ -171,6 +188,8 @@ class LLMEngine:
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_pages(seq)
+        if self.tier is not None:
+            self.tier.write_through()
         if samplers:
             tokens, logprobs = sample(logits, samplers)
             now = time.monotonic()
@@ -188,9 +207,22 @@ class LLMEngine:
             if seq.matcher is not None and seq.num_computed_tokens + n >= seq.num_tokens:
                 seq.token_bitmask = next_token_bitmask(seq.matcher, vocab)
 
-    def waiting_on_prefill(self) -> bool:
-        """Nothing to compute here until the prefill process returns a batch."""
-        return self.dispatcher is not None and not self.scheduler.running and self.dispatcher.waiting()
+    def waiting_on_io(self) -> bool:
+        """Nothing to compute here until the prefill process returns a batch or a tier read comes back."""
+        sched = self.scheduler
+        if sched.running or (sched.loading and not sched.loads_pending()):
+            return False
+        if self.dispatcher is not None and self.dispatcher.waiting():
+            return True
+        return sched.loads_pending() and (sched.blocked or not sched.waiting)
+
+    def wait_io(self, timeout: float | None = None) -> None:
+        """Block until a prefill batch or a tier read comes back (or the timeout passes)."""
+        futures = [seq.prefix_load.future for seq in self.scheduler.loading if seq.prefix_load is not None]
+        if self.dispatcher is not None:
+            futures += [flight.future for flight in self.dispatcher.in_flight]
+        if futures:
+            cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
 
     def take_failures(self) -> dict[str, EngineUnavailable]:
         """Requests that ended outside a step's outputs (lost prefill, queue timeout), with their error."""
@@ -273,6 +305,7 @@ class LLMEngine:
             seq.first_token_time = now
             self.counters["prompt"] += seq.num_prompt_tokens
             self.counters["cached"] += seq.num_cached_tokens
+            self.counters["host_cached"] += seq.num_host_cached_tokens
         seq.token_ids.append(token)
         if seq.matcher is not None:
             seq.token_bitmask = None
@@ -317,6 +350,8 @@ class LLMEngine:
         bm, c = self.block_manager, self.counters
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_loading=len(self.scheduler.loading), host_cached_prompt_tokens_total=c["host_cached"],
+            hicache=self.tier.stats() if self.tier is not None else None,
             num_free_pages=bm.num_free_pages, num_total_pages=bm.num_pages, page_size=bm.page_size,
             num_cached_pages=bm.num_cached_pages, prompt_tokens_total=c["prompt"],
             generation_tokens_total=c["generation"], cached_prompt_tokens_total=c["cached"],
@@ -346,8 +381,12 @@ class LLMEngine:
         return True
 
     def close(self) -> None:
-        """Release the shared segment (Semi-PD); the engine is unusable afterwards."""
+        """Send the tier what is queued for it and release the shared segment (Semi-PD); the engine is
+        unusable afterwards."""
         self._masks.shutdown(wait=False)
+        if self.tier is not None:
+            self.tier.close()
+            self.tier = None
         if self.storage is not None:
             self.storage.close()
             self.storage = None

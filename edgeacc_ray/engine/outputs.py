@@ -66,6 +66,33 @@ class SplitStats:
 
 
 @dataclass
+class HiCacheStats:
+    """The KV offload tier as one engine sees it: its counters since start, and the node's store as of
+    its last answer (all engines and models on the node; zero until it answered)."""
+
+    pages_written_total: int  # pages sent to the tier (write-through, each once per stay in the pool)
+    loads_total: int  # tier reads started for admitted prompts
+    pages_loaded_total: int  # pages read back into the device pool
+    load_misses_total: int  # reads that brought no page (a miss, a failed or timed-out call)
+    page_size: int  # tokens per page
+    pages_dropped_total: int = 0  # writes dropped because the client's queue was full
+    failed_calls_total: int = 0  # store calls that failed or timed out
+    store_pages: int = 0
+    store_bytes: int = 0
+    store_budget_bytes: int = 0
+    page_nbytes: int = 0  # bytes of one of this engine's pages
+
+    @property
+    def store_tokens(self) -> int:
+        """What the store holds, in tokens of this engine's pages."""
+        return self.store_bytes // max(self.page_nbytes, 1) * self.page_size
+
+    @property
+    def store_capacity_tokens(self) -> int:
+        return self.store_budget_bytes // max(self.page_nbytes, 1) * self.page_size
+
+
+@dataclass
 class EngineStats:
     """A snapshot of the engine's load and counters, for admission, metrics and autoscaling."""
 
@@ -77,7 +104,7 @@ class EngineStats:
     num_cached_pages: int  # unreferenced pages kept for the prefix cache (evictable)
     prompt_tokens_total: int  # counters since start
     generation_tokens_total: int
-    cached_prompt_tokens_total: int  # prompt tokens served from the prefix cache
+    cached_prompt_tokens_total: int  # prompt tokens served from the prefix cache: device pool or KV tier
     requests_finished_total: int
     requests_aborted_total: int
     pd_mode: str = "colocated"
@@ -92,6 +119,10 @@ class EngineStats:
     rejected_total: int = 0  # refused on arrival: queue full or predicted wait too long
     queue_timeouts_total: int = 0  # dropped after waiting longer than queue_timeout_s
     drain_rate: float = 0.0  # requests started per second while some waited (0: not measured yet)
+    # The KV offload tier (engine/hierarchical_cache.py); None when it is off.
+    host_cached_prompt_tokens_total: int = 0  # of cached_prompt_tokens_total, those loaded from the tier
+    num_loading: int = 0  # admitted requests whose prefix is being read from the tier
+    hicache: HiCacheStats | None = None
 
     @property
     def kv_usage(self) -> float:
@@ -101,4 +132,17 @@ class EngineStats:
 
     @property
     def cache_hit_rate(self) -> float:
+        """Share of prompt tokens not computed: served from the device pool or the tier."""
         return self.cached_prompt_tokens_total / max(self.prompt_tokens_total, 1)
+
+    @property
+    def device_cached_prompt_tokens_total(self) -> int:
+        return self.cached_prompt_tokens_total - self.host_cached_prompt_tokens_total
+
+    @property
+    def device_cache_hit_rate(self) -> float:
+        return self.device_cached_prompt_tokens_total / max(self.prompt_tokens_total, 1)
+
+    @property
+    def host_cache_hit_rate(self) -> float:
+        return self.host_cached_prompt_tokens_total / max(self.prompt_tokens_total, 1)

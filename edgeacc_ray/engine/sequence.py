@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from edgeacc_ray.engine.outputs import TokenLogprob
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from edgeacc_ray.engine.hierarchical_cache import PrefixLoad
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # admitted; its prefix is coming from the KV tier (engine/hierarchical_cache.py)
     PREFILLING = "prefilling"  # Semi-PD: its prompt is being computed in the prefill process
     RUNNING = "running"
     FINISHED = "finished"
@@ -29,7 +33,9 @@ class Sequence:
     page_table: list[int] = field(default_factory=list)
     page_keys: list[bytes] = field(default_factory=list)  # prefix keys of the full pages, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the pages
-    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache (device pool or KV tier)
+    num_host_cached_tokens: int = 0  # of those, the ones loaded from the KV tier
+    prefix_load: PrefixLoad | None = None  # the KV tier read in flight while LOADING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)

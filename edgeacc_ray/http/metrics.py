@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from edgeacc_ray.engine.latency_metrics import HistogramSnapshot, LatencySnapshot
-from edgeacc_ray.engine.outputs import EngineStats
+from edgeacc_ray.engine.outputs import EngineStats, HiCacheStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -70,11 +70,19 @@ class _Snapshot:
                           s.num_total_pages * s.page_size)
         yield self._gauge("sglang:token_usage", "The token usage", usage)
         yield self._gauge("sglang:cache_hit_rate", "The cache hit rate", s.cache_hit_rate)
+        yield self._gauge("edgeacc:device_cache_hit_rate", "Share of prompt tokens found in the device KV pool",
+                          s.device_cache_hit_rate)
+        yield self._gauge("edgeacc:host_cache_hit_rate", "Share of prompt tokens loaded from the KV offload tier",
+                          s.host_cache_hit_rate)
         yield self._counter("sglang:prompt_tokens_total", "Number of prefill tokens processed.", s.prompt_tokens_total)
         yield self._counter("sglang:generation_tokens_total", "Number of generation tokens processed.",
                             s.generation_tokens_total)
         yield self._counter("sglang:cached_tokens_total", "Number of cached prompt tokens.",
                             s.cached_prompt_tokens_total)
+        yield self._counter("edgeacc:device_cached_tokens_total", "Cached prompt tokens found in the device KV pool.",
+                            s.device_cached_prompt_tokens_total)
+        yield self._counter("edgeacc:host_cached_tokens_total", "Cached prompt tokens loaded from the KV offload tier.",
+                            s.host_cached_prompt_tokens_total)
         yield self._counter("sglang:num_requests_total", "Number of requests processed.",
                             s.requests_finished_total + s.requests_aborted_total)
         yield self._counter("sglang:num_aborted_requests_total", "Number of requests aborted.",
@@ -94,6 +102,8 @@ class _Snapshot:
                             s.queue_timeouts_total)
         yield self._gauge("edgeacc:num_free_pages", "Free KV pages (cached pages excluded)", s.num_free_pages)
         yield self._gauge("edgeacc:num_cached_pages", "Evictable prefix-cache KV pages", s.num_cached_pages)
+        if s.hicache is not None:
+            yield from self._hicache(s.hicache, s.num_loading)
         if s.split is not None:
             split = s.split
             yield self._gauge("edgeacc:semi_pd_prefill_cores", "Cores computing prefill now (Semi-PD split)",
@@ -109,6 +119,28 @@ class _Snapshot:
                                 split.prefill_batches_total)
             yield self._gauge("edgeacc:num_prefilling_reqs", "Requests whose prompt is in the prefill server",
                               s.num_prefilling)
+
+
+    def _hicache(self, h: HiCacheStats, num_loading: int) -> Iterable[Metric]:
+        """The KV offload tier, under SGLang's HiCache names where it has them."""
+        yield self._counter("sglang:backuped_tokens_total", "Number of tokens written to the KV offload tier.",
+                            h.pages_written_total * h.page_size)
+        yield self._counter("sglang:load_back_tokens_total", "Number of tokens loaded from the KV offload tier.",
+                            h.pages_loaded_total * h.page_size)
+        yield self._gauge("sglang:hicache_host_used_tokens", "Tokens the node's KV tier store holds (in this "
+                          "engine's pages; every engine and model on the node)", h.store_tokens)
+        yield self._gauge("sglang:hicache_host_total_tokens", "Capacity of the node's KV tier store, in tokens",
+                          h.store_capacity_tokens)
+        yield self._gauge("edgeacc:num_loading_reqs", "Admitted requests whose prefix is being read from the tier",
+                          num_loading)
+        yield self._counter("edgeacc:hicache_loads_total", "Reads of a prompt's prefix from the KV tier",
+                            h.loads_total)
+        yield self._counter("edgeacc:hicache_load_misses_total", "Tier reads that brought no page (miss, failure, "
+                            "timeout)", h.load_misses_total)
+        yield self._counter("edgeacc:hicache_dropped_pages_total", "Pages not written to the tier (write queue "
+                            "full)", h.pages_dropped_total)
+        yield self._counter("edgeacc:hicache_failed_calls_total", "Tier store calls that failed or timed out",
+                            h.failed_calls_total)
 
 
 def render(model_name: str, stats: EngineStats | None, http_in_flight: int) -> bytes:
