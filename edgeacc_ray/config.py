@@ -29,6 +29,7 @@ IMAGE_ENV_VARS: dict[str, str] = {
     "ENABLE_EDGE_ACC": "enable_edge_acc",
 }
 ENV_PREFIX = "EDGEACC_"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # EDGEACC_* variables that are not serving settings (read elsewhere).
 OTHER_ENV_VARS = frozenset({"EDGEACC_CACHE_DIR", "EDGEACC_SMOLLM2_WHEEL"})
 
@@ -45,7 +46,8 @@ class ServeConfig(EngineSettings):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # What to serve.
-    model: str = Field("tiny", min_length=1, description="HF folder or built-in model name ('tiny', 'small')")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="HF folder, .gguf file, or a built-in name: "
+                       f"{DEFAULT_MODEL!r} (the default, fetched from PyPI once), 'tiny', 'small' (tests, benchmarks)")
     served_model_name: str | None = Field(None, description="name clients use in `model`; default: `model`")
     backend: Literal["native"] = "native"
 

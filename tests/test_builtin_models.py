@@ -10,7 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray import builtin_models
-from edgeacc_ray.builtin_models import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, build_model, cache_dir, resolve_model
+from edgeacc_ray.builtin_models import (ENDOFTEXT_ID, IM_END_ID, IM_START_ID, UnknownModelError, build_model, cache_dir,
+                                        resolve_model)
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
@@ -101,7 +102,7 @@ def test_chat_template(tiny_model_path: str) -> None:
 def test_resolve_model(tmp_path: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("tiny") == Path(tiny_model_path)
     assert resolve_model(str(tmp_path)) == tmp_path
-    with pytest.raises(ValueError, match=r"neither a built-in model name \(tiny, small\) nor an existing directory"):
+    with pytest.raises(UnknownModelError):
         resolve_model("no-such-model")
     monkeypatch.setenv("EDGEACC_CACHE_DIR", str(tmp_path / "cache"))
     assert cache_dir() == tmp_path / "cache"

@@ -7,9 +7,10 @@ import yaml
 from edgeacc_ray.config import ConfigError, ServeConfig
 
 
-def test_defaults_serve_the_builtin_tiny_model_on_localhost():
+def test_defaults_serve_smollm2_on_localhost():
     cfg = ServeConfig.from_sources({}, env={})
-    assert (cfg.model, cfg.model_name, cfg.host, cfg.port) == ("tiny", "tiny", "127.0.0.1", 8000)
+    assert (cfg.model, cfg.model_name, cfg.host, cfg.port) == ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct",
+                                                               "127.0.0.1", 8000)
     assert cfg.api_key is None and cfg.engine_num_cpus == 0 and cfg.tensor_parallel_size == 1
 
 

@@ -56,7 +56,7 @@ def read_model_args(path: str | Path, dtype: str = "auto") -> tuple[ModelArgs, t
 def model_skeleton(args: ModelArgs, dtype: torch.dtype) -> CausalLM:
     """The model with every tensor on the meta device: structure only, to be bound to real storage."""
     with torch.device("meta"):
-        return CausalLM(args).to(dtype).eval().requires_grad_(False)
+        return CausalLM(args).cast(dtype).eval().requires_grad_(False)
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
