@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from edgeacc_ray.engine.sequence import Sequence
-from edgeacc_ray.engine.structured_output import apply_bitmask
+from edgeacc_ray.engine.structured_output import apply_bitmasks
 
 
 def apply_logit_controls(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -25,6 +25,9 @@ def apply_logit_controls(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Te
             held = sorted(seq.eos_token_ids | set(p.stop_token_ids))
             if held:
                 row[torch.tensor(held, dtype=torch.long)] = float("-inf")
-        if seq.token_bitmask is not None:
-            apply_bitmask(row, seq.token_bitmask)
+    masked = [i for i in rows if seqs[i].token_bitmask is not None]
+    if masked:
+        sub = logits[masked]
+        apply_bitmasks(sub, torch.stack([seqs[i].token_bitmask for i in masked]))
+        logits[masked] = sub
     return logits

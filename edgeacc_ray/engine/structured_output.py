@@ -101,13 +101,17 @@ def next_token_bitmask(matcher, vocab_size: int) -> torch.Tensor:
     return mask[0]
 
 
-def apply_bitmask(row: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set the logits of disallowed tokens to -inf (ids past the bitmask, e.g. padding rows of the
-    embedding, are disallowed too)."""
-    n = row.shape[0]
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask[:, None] >> bits) & 1).bool().flatten()
-    keep = torch.zeros(n, dtype=torch.bool)
-    m = min(n, allowed.shape[0])
-    keep[:m] = allowed[:m]
-    row.masked_fill_(~keep, float("-inf"))
+def apply_bitmasks(logits: torch.Tensor, bitmasks: torch.Tensor) -> None:
+    """Set disallowed tokens' logits to -inf, all rows in one pass (`logits` [k, vocab], `bitmasks`
+    [k, words]) with llguidance's kernel; ids past the bitmask (padding rows of the embedding) are
+    disallowed too."""
+    import llguidance.torch as lt
+
+    covered = bitmasks.shape[1] * 32
+    if logits.shape[1] <= covered:
+        lt.apply_token_bitmask_inplace(logits, bitmasks)
+        return
+    head = logits[:, :covered].contiguous()
+    lt.apply_token_bitmask_inplace(head, bitmasks)
+    logits[:, :covered] = head
+    logits[:, covered:] = float("-inf")
