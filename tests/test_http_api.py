@@ -4,7 +4,6 @@ behaviour (real HTTP, disconnects, replica deaths) is in test_serve_*.py."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,28 +11,21 @@ from fastapi.testclient import TestClient
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.http.app import build_api
 from edgeacc_ray.http.local_engine_client import LocalEngineClient
+from serve_helpers import local_app
 
 MODEL = "tiny"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def engine():
-    cfg = ServeConfig(model=MODEL, served_model_name=MODEL, kv_cache_memory_gb=0.05, max_model_len=256,
-                      stream_interval=2)
-    client = LocalEngineClient(cfg.engine_config())
-    yield cfg, client
-    client.shutdown()
+def cfg() -> ServeConfig:
+    return ServeConfig(model=MODEL, served_model_name=MODEL, kv_cache_memory_gb=0.05, max_model_len=256,
+                       stream_interval=2)
 
 
 @pytest.fixture(scope="module")
-def http(engine) -> TestClient:
-    cfg, client = engine
-    with TestClient(build_api(cfg, client, client.model_path)) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+def http(cfg) -> TestClient:
+    with local_app(cfg) as c:
         yield c
 
 
@@ -82,8 +74,8 @@ def test_control_characters_and_long_tokens_are_served(http):
 
 # ---- issue 13, item 2: one request cannot take more than its share -------------------------------
 
-def test_prompts_times_n_is_bounded(http, engine):
-    limit = engine[0].request_choices_limit
+def test_prompts_times_n_is_bounded(http, cfg):
+    limit = cfg.request_choices_limit
     err = error(http.post("/v1/completions", json={"model": MODEL, "prompt": ["a"] * 1000, "n": 16,
                                                    "max_tokens": 1}), 400)
     assert err["code"] == "too_many_choices" and str(limit) in err["message"] and err["param"] == "n"
@@ -142,7 +134,7 @@ def test_openapi_schema_and_docs_are_served(http):
 
 # ---- behaviour through the ASGI app --------------------------------------------------------------------
 
-def test_chat_template_and_usage(http, engine):
+def test_chat_template_and_usage(http):
     r = http.post("/v1/chat/completions", json={**CHAT, "temperature": 0, "ignore_eos": True})
     body = r.json()
     assert r.status_code == 200 and body["usage"]["completion_tokens"] == 4

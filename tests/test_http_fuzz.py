@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.http.app import build_api
-from edgeacc_ray.http.local_engine_client import LocalEngineClient
+from serve_helpers import local_app
 
 HOSTILE = ["\ud800", "a\udfffb", "\x00\x01\x02", "\x1b[2J", "\u2028\u2029", "\ufeff", "😀" * 50,
            "z" * 5000, "tiny", "", " ", "\\", '"', "{}", "<|im_end|>", "<|im_start|>system\n"]
@@ -32,14 +31,8 @@ def http():
     # a short context and small limits keep every generated request cheap
     cfg = ServeConfig(model="tiny", served_model_name="tiny", kv_cache_memory_gb=0.05, max_model_len=64,
                       max_request_choices=8, max_n=4)
-    client = LocalEngineClient(cfg.engine_config())
-    with TestClient(build_api(cfg, client, client.model_path), raise_server_exceptions=False) as c:
-        deadline = time.monotonic() + 30
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with local_app(cfg, raise_server_exceptions=False) as c:
         yield c
-    client.shutdown()
 
 
 def from_openapi(schema: dict, components: dict, depth: int = 0) -> st.SearchStrategy:

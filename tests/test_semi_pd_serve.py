@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from serve_helpers import replica_pid
+
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.shared_arena import PREFIX, SHM_DIR
 from edgeacc_ray.llm import LLM
@@ -51,21 +53,6 @@ def wait_healthy(base: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def replica_pid(deployment: str) -> int:
-    """The replica's process, found by the title Ray gives it (`ray::ServeReplica:APP:DEPLOYMENT`)."""
-    title = f"ServeReplica:{APP}:{deployment}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if title in f.read():
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    assert len(pids) == 1, pids
-    return pids[0]
-
-
 def segments() -> set[str]:
     return {p.name for p in SHM_DIR.glob(f"{PREFIX}-*")}
 
@@ -79,7 +66,7 @@ def test_separate_deployments_share_one_segment(url):
 
     status = serve.status().applications[APP]
     assert {"Ingress", "DecodeServer", "PrefillServer"} <= set(status.deployments)
-    decode, prefill = replica_pid("DecodeServer"), replica_pid("PrefillServer")
+    decode, prefill = replica_pid(APP, "DecodeServer"), replica_pid(APP, "PrefillServer")
     assert decode != prefill
     httpx.post(url + "/generate", json={"input_ids": IDS[2], "sampling_params": {"max_new_tokens": 2}}, timeout=30)
     name = internal(url)["semi_pd_split"]["storage"]
@@ -134,7 +121,7 @@ def test_killed_prefill_server_fails_only_its_batch_and_recovers(url):
     decoding = threading.Thread(target=_stream, args=(url, IDS[0], 300, running, "decoding"))
     decoding.start()
     time.sleep(1.0)  # its prompt is done: it decodes in the decode process only
-    os.kill(replica_pid("PrefillServer"), signal.SIGKILL)
+    os.kill(replica_pid(APP, "PrefillServer"), signal.SIGKILL)
     decoding.join(120)
     tokens, error = running["decoding"]
     assert error is None and tokens > 0  # decode never needed the dead process
@@ -150,7 +137,7 @@ def test_killed_decode_server_gives_clean_errors_and_leaves_no_segment(url):
     for t in threads:
         t.start()
     time.sleep(1.5)
-    os.kill(replica_pid("DecodeServer"), signal.SIGKILL)
+    os.kill(replica_pid(APP, "DecodeServer"), signal.SIGKILL)
     for t in threads:
         t.join(120)
     for tokens, error in results.values():

@@ -12,6 +12,8 @@ import time
 import httpx
 import pytest
 
+from serve_helpers import replica_pid
+
 APP = "edgeacc_faults"
 ARGS = {"model": "tiny", "served_model_name": "tiny", "kv_cache_memory_gb": 0.25, "stream_interval": 4}
 LONG = {"max_tokens": 1900, "ignore_eos": True}
@@ -41,21 +43,6 @@ def wait_serving(base: str, timeout: float) -> None:
             pass
         assert time.monotonic() < deadline, "the application did not come back"
         time.sleep(0.3)
-
-
-def replica_pid(deployment: str) -> int:
-    """The replica's process, found by the title Ray gives it (`ray::ServeReplica:APP:DEPLOYMENT`)."""
-    title = f"ServeReplica:{APP}:{deployment}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if title in f.read():
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    assert len(pids) == 1, pids
-    return pids[0]
 
 
 def engine_stats():
@@ -120,7 +107,7 @@ def test_killed_ingress_work_is_aborted_and_counters_do_not_reset(url):
     requests_before = counter(url, "sglang:num_requests_total")
     aborted_before = engine_stats().requests_aborted_total
     threads, results = start_streams(url, 4)
-    os.kill(replica_pid("Ingress"), signal.SIGKILL)
+    os.kill(replica_pid(APP, "Ingress"), signal.SIGKILL)
     started = time.monotonic()
     while engine_stats().num_running:  # the engine notices its caller is gone (lease) and aborts
         assert time.monotonic() - started < 15, "the dead Ingress's requests kept running"
@@ -136,7 +123,7 @@ def test_killed_ingress_work_is_aborted_and_counters_do_not_reset(url):
 def test_killed_engine_gives_503_with_retry_after_until_it_is_back(url):
     wait_serving(url, 60)
     threads, results = start_streams(url, 3)
-    os.kill(replica_pid("EngineServer"), signal.SIGKILL)
+    os.kill(replica_pid(APP, "EngineServer"), signal.SIGKILL)
     for t in threads:
         t.join(60)
     for _tokens, error in results.values():  # every stream ended with a short, clean error event

@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Literal
 
 import jsonschema
 import openai
 import pydantic
 import pytest
-from fastapi.testclient import TestClient
 
 from edgeacc_ray import LLM, SamplingParams
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.config import SemiPDConfig
 from edgeacc_ray.engine.errors import InvalidRequest
 from edgeacc_ray.engine.structured_output import StructuredOutput
-from edgeacc_ray.http.app import build_api
-from edgeacc_ray.http.local_engine_client import LocalEngineClient
+from serve_helpers import local_app
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "maximum": 150},
@@ -109,14 +106,8 @@ class Answer(pydantic.BaseModel):
 @pytest.fixture(scope="module")
 def client():
     cfg = ServeConfig(model="tiny", served_model_name="tiny", kv_cache_memory_gb=0.05)
-    engine = LocalEngineClient(cfg.engine_config())
-    with TestClient(build_api(cfg, engine, engine.model_path)) as http:
-        deadline = time.monotonic() + 30
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with local_app(cfg) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0), http
-    engine.shutdown()
 
 
 def test_openai_parse_returns_the_pydantic_object(client):

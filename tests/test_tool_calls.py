@@ -5,16 +5,13 @@ and clear 400s for inconsistent requests."""
 from __future__ import annotations
 
 import json
-import time
 
 import jsonschema
 import openai
 import pytest
-from fastapi.testclient import TestClient
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.http.app import build_api
-from edgeacc_ray.http.local_engine_client import LocalEngineClient
+from serve_helpers import local_app
 from edgeacc_ray.http.protocol.openai import Tool
 from edgeacc_ray.http.tool_calls import HermesTools, ToolCallStream
 
@@ -32,14 +29,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def client():
     cfg = ServeConfig(model="tiny", served_model_name="tiny", kv_cache_memory_gb=0.05)
-    engine = LocalEngineClient(cfg.engine_config())
-    with TestClient(build_api(cfg, engine, engine.model_path)) as http:
-        deadline = time.monotonic() + 30
-        while http.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with local_app(cfg) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
-    engine.shutdown()
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
