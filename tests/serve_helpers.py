@@ -42,3 +42,32 @@ def replica_pid(app: str, deployment: str) -> int:
             continue
     assert len(pids) == 1, pids
     return pids[0]
+
+
+def serve_app(args: dict, name: str, base_url: str, route: str) -> str:
+    """Deploy the EdgeAcc application `name` at `route` and return its URL once it generates."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=route)
+    url = base_url + route
+    wait_serving(url, 120)
+    return url
+
+
+def wait_serving(base: str, timeout: float) -> None:
+    """Until the application generates a token (after a start or a replica's restart)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = httpx.post(base + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1}},
+                           timeout=30)
+            if r.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"the application at {base} did not come back"
+        time.sleep(0.3)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import replica_pid
+from serve_helpers import replica_pid, serve_app, wait_serving
 
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.shared_arena import PREFIX, SHM_DIR
@@ -29,28 +29,8 @@ IDS = [[(17 * i + 3 * k) % 7000 + 100 for k in range(n)] for i, n in enumerate((
 def url(serve_http_url) -> str:
     from ray import serve
 
-    from deployments.app import build_app
-
-    serve.run(build_app(ARGS), name=APP, route_prefix="/spd")
-    base = serve_http_url + "/spd"
-    wait_healthy(base, 120)
-    yield base
+    yield serve_app(ARGS, APP, serve_http_url, "/spd")
     serve.delete(APP)
-
-
-def wait_healthy(base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=5).status_code == 200:
-                r = httpx.post(base + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": {
-                    "max_new_tokens": 1}}, timeout=30)
-                if r.status_code == 200:
-                    return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the semi_pd application did not come back"
-        time.sleep(0.5)
 
 
 def segments() -> set[str]:
@@ -125,7 +105,7 @@ def test_killed_prefill_server_fails_only_its_batch_and_recovers(url):
     decoding.join(120)
     tokens, error = running["decoding"]
     assert error is None and tokens > 0  # decode never needed the dead process
-    wait_healthy(url, 120)  # Serve restarts the prefill replica; it maps the decode side's segment again
+    wait_serving(url, 120)  # Serve restarts the prefill replica; it maps the decode side's segment again
     state = internal(url)
     assert state["num_prefilling_reqs"] == 0
 
@@ -143,6 +123,6 @@ def test_killed_decode_server_gives_clean_errors_and_leaves_no_segment(url):
     for tokens, error in results.values():
         assert error is not None  # every stream ended with an error, none hung
         assert "Actor" not in error and "pid" not in error.lower()
-    wait_healthy(url, 180)
+    wait_serving(url, 180)
     new = internal(url)["semi_pd_split"]["storage"]
     assert new != old and old not in segments() and new in segments()

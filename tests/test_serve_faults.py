@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import replica_pid
+from serve_helpers import replica_pid, serve_app, wait_serving
 
 APP = "edgeacc_faults"
 ARGS = {"model": "tiny", "served_model_name": "tiny", "kv_cache_memory_gb": 0.25, "stream_interval": 4}
@@ -23,26 +23,8 @@ LONG = {"max_tokens": 1900, "ignore_eos": True}
 def url(serve_http_url) -> str:
     from ray import serve
 
-    from deployments.app import build_app
-
-    serve.run(build_app(ARGS), name=APP, route_prefix="/faults")
-    base = serve_http_url + "/faults"
-    wait_serving(base, 120)
-    yield base
+    yield serve_app(ARGS, APP, serve_http_url, "/faults")
     serve.delete(APP)
-
-
-def wait_serving(base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, timeout=10)
-            if r.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the application did not come back"
-        time.sleep(0.3)
 
 
 def engine_stats():
