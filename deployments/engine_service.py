@@ -59,6 +59,15 @@ KEEPALIVE_INTERVAL_S = 0.5
 CALLER_LEASE_S = 5.0
 
 
+def _client_error(request_id: str, exc: Exception) -> Exception:
+    """What a caller is told when its request ends in an error: the engine's typed errors as they are;
+    anything else is a bug, whose details stay in this log while the caller gets a stable message."""
+    if isinstance(exc, (InvalidRequest, EngineUnavailable)):
+        return exc
+    logger.error("request %s failed in the engine", request_id, exc_info=exc)
+    return EngineUnavailable("the engine failed while running this request")
+
+
 class _Caller:
     """One caller's requests, its outbox (chunks of all its requests, handed out in batches) and lease."""
 
@@ -136,8 +145,8 @@ class EngineService:
         try:
             async for chunk in chunks:
                 yield chunk
-        except (InvalidRequest, EngineUnavailable) as exc:
-            yield exc
+        except Exception as exc:
+            yield _client_error(request_id, exc)
         finally:
             caller.tasks.pop(request_id, None)
             await chunks.aclose()
@@ -158,13 +167,8 @@ class EngineService:
         try:
             async for chunk in chunks:
                 caller.put(request_id, chunk)
-        except asyncio.CancelledError:
-            raise
-        except (InvalidRequest, EngineUnavailable) as exc:
-            caller.put(request_id, exc)
-        except Exception:  # a bug: the details stay in this log, the caller gets a stable message
-            logger.exception("request %s failed in the engine", request_id)
-            caller.put(request_id, EngineUnavailable("the engine failed while running this request"))
+        except Exception as exc:
+            caller.put(request_id, _client_error(request_id, exc))
         finally:
             await chunks.aclose()  # not finished: aborts the request, its pages return
             caller.tasks.pop(request_id, None)

@@ -71,3 +71,23 @@ def wait_serving(base: str, timeout: float) -> None:
             pass
         assert time.monotonic() < deadline, f"the application at {base} did not come back"
         time.sleep(0.3)
+
+
+def record_stream(url: str, path: str, body: dict, results: dict, key: str) -> None:
+    """One streaming request: records (chunks received, None or how it ended badly: an HTTP status,
+    the SSE error event, a connection error) under `key`."""
+    import httpx
+
+    tokens, error = 0, None
+    try:
+        with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=120) as r:
+            if r.status_code != 200:
+                error = f"HTTP {r.status_code}"
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"error"' in line:
+                    error = line
+                elif line.startswith("data: {"):
+                    tokens += 1
+    except httpx.HTTPError as exc:
+        error = type(exc).__name__
+    results[key] = (tokens, error)

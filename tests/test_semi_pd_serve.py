@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import replica_pid, serve_app, wait_serving
+from serve_helpers import record_stream, replica_pid, serve_app, wait_serving
 
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.shared_arena import PREFIX, SHM_DIR
@@ -80,20 +80,8 @@ def test_split_visible_in_metrics_and_server_info(url):
 
 def _stream(url: str, ids: list[int], max_tokens: int, results: dict, key: str) -> None:
     """One streaming /generate; records the tokens and whether it ended cleanly or with an error event."""
-    tokens, error = 0, None
-    try:
-        with httpx.stream("POST", url + "/generate", json={"input_ids": ids, "stream": True, "sampling_params": {
-                "max_new_tokens": max_tokens, "ignore_eos": True}}, timeout=120) as r:
-            if r.status_code != 200:
-                error = f"HTTP {r.status_code}"
-            for line in r.iter_lines():
-                if line.startswith("data: ") and '"error"' in line:
-                    error = line
-                elif line.startswith("data: {"):
-                    tokens += 1
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}"
-    results[key] = (tokens, error)
+    record_stream(url, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": max_tokens,
+                                                                           "ignore_eos": True}}, results, key)
 
 
 def test_killed_prefill_server_fails_only_its_batch_and_recovers(url):

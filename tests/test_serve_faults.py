@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from serve_helpers import replica_pid, serve_app, wait_serving
+from serve_helpers import record_stream, replica_pid, serve_app, wait_serving
 
 APP = "edgeacc_faults"
 ARGS = {"model": "tiny", "served_model_name": "tiny", "kv_cache_memory_gb": 0.25, "stream_interval": 4}
@@ -34,26 +34,10 @@ def engine_stats():
     return serve.get_deployment_handle("EngineServer", app_name=APP).stats.remote().result(timeout_s=30)
 
 
-def stream(base: str, body: dict, results: dict, key: str) -> None:
-    tokens, error = 0, None
-    try:
-        with httpx.stream("POST", base + "/v1/completions", json={"model": "tiny", "stream": True, **body},
-                          timeout=120) as r:
-            if r.status_code != 200:
-                error = f"HTTP {r.status_code}"
-            for line in r.iter_lines():
-                if line.startswith("data: ") and '"error"' in line:
-                    error = line
-                elif line.startswith("data: {"):
-                    tokens += 1
-    except httpx.HTTPError as exc:
-        error = type(exc).__name__
-    results[key] = (tokens, error)
-
-
 def start_streams(base: str, count: int) -> tuple[list[threading.Thread], dict]:
     results: dict = {}
-    threads = [threading.Thread(target=stream, args=(base, {"prompt": f"story {i}", **LONG}, results, str(i)))
+    threads = [threading.Thread(target=record_stream, args=(
+        base, "/v1/completions", {"model": "tiny", "prompt": f"story {i}", **LONG}, results, str(i)))
                for i in range(count)]
     for t in threads:
         t.start()

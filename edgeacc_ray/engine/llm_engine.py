@@ -171,10 +171,9 @@ class LLMEngine:
         if self.split is not None:
             self._move_split()
         if batch.prefills:
-            vocab = self.grammars.tokenizer.vocab_size if any(q.matcher for q in batch.prefills) else 0
             for seq in batch.prefills:  # the prefill process samples the first token: send it the mask
                 if seq.matcher is not None:
-                    seq.token_bitmask = next_token_bitmask(seq.matcher, vocab)
+                    self._set_bitmask(seq)
             self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.split.prefill))
         if not batch.num_decode:
             self._last_decode_at = None  # a gap in decoding is not time per output token
@@ -202,10 +201,13 @@ class LLMEngine:
     def _fill_masks(self, batch) -> None:
         """Next-token bitmasks of the constrained rows that sample this step (in a helper thread:
         llguidance releases the GIL, so this overlaps the forward)."""
-        vocab = self.grammars.tokenizer.vocab_size
         for seq, n in batch.items:
             if seq.matcher is not None and seq.num_computed_tokens + n >= seq.num_tokens:
-                seq.token_bitmask = next_token_bitmask(seq.matcher, vocab)
+                self._set_bitmask(seq)
+
+    def _set_bitmask(self, seq: Sequence) -> None:
+        """The tokens seq's grammar allows next, for the sampler (here or in the prefill process)."""
+        seq.token_bitmask = next_token_bitmask(seq.matcher, self.grammars.tokenizer.vocab_size)
 
     def waiting_on_io(self) -> bool:
         """Nothing to compute here until the prefill process returns a batch or a tier read comes back."""
