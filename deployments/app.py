@@ -10,14 +10,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.decode_server import DecodeServer
-from deployments.engine_server import EngineServer
+from deployments.engine_server import EngineServer, tensor_parallel_options
 from deployments.prefill_server import PrefillServer
+from deployments.sglang_server import bind_sglang_engine, require_sglang
 from deployments.ingress import Ingress
 from edgeacc_ray.config import ConfigError, ServeConfig
 
 logger = logging.getLogger("ray.serve")
+
+PROXY_RETRY_AFTER_S = 2  # the proxy's 429 when every Ingress replica is full; Serve sends a fixed value
+ROUTING_STATS_PERIOD_S = 1.0  # how often each engine replica reports its load to the routers
 
 
 def resolve_model_path(model: str) -> str:
@@ -47,14 +52,34 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     config = cfg.model_dump()
     actor_options = {"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
                      **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})}
-    serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests)
-    if cfg.pd_mode == "semi_pd":
-        prefill = PrefillServer.options(ray_actor_options=actor_options).bind(config)
+    serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests, request_router_config=engine_router(cfg),
+                         **cfg.engine_replicas.serve_options(cfg.ttft_slo_ms / 1000))
+    if cfg.backend == "sglang":  # SGLang engines behind the same interface (deployments/sglang_server.py)
+        require_sglang()
+        engine = bind_sglang_engine(cfg, model_path, serve_options)
+    elif cfg.pd_mode == "semi_pd":
+        # As many PrefillServers as DecodeServers (fixed: the config refuses autoscaled pairs); a prefill
+        # replica maps whichever decode segment a batch names.
+        prefill = PrefillServer.options(ray_actor_options=actor_options,
+                                        num_replicas=cfg.engine_replicas.min_replicas).bind(config)
         engine = DecodeServer.options(ray_actor_options=actor_options, **serve_options).bind(config, prefill)
     else:
-        engine = EngineServer.options(ray_actor_options=actor_options, **serve_options).bind(config)
+        engine = EngineServer.options(ray_actor_options=actor_options, **serve_options,
+                                      **tensor_parallel_options(cfg, model_path, actor_options)).bind(config)
     return Ingress.options(
-        num_replicas=cfg.ingress_num_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        max_queued_requests=cfg.ingress_max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=PROXY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": 0},
+        **cfg.ingress_replicas.serve_options(),
     ).bind(config, engine, model_path)
+
+
+def engine_router(cfg: ServeConfig) -> RequestRouterConfig:
+    """`EngineRouter` for the engine deployment: pins each Ingress's streams to their replica, and places new
+    requests by prefix (cache_aware) or load (least_loaded)."""
+    return RequestRouterConfig(
+        request_router_class="deployments.engine_router:EngineRouter",
+        request_router_kwargs={"page_size": cfg.page_size, "imbalance": cfg.router_imbalance,
+                               "prefix_affinity": cfg.request_router == "cache_aware" and cfg.enable_prefix_caching},
+        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S, request_routing_stats_timeout_s=5)

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any, AsyncIterator
 
+from deployments.autoscaling_policy import autoscaling_signals
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
 from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
@@ -68,6 +69,22 @@ def _client_error(request_id: str, exc: Exception) -> Exception:
     return EngineUnavailable("the engine failed while running this request")
 
 
+class MisroutedCall(RuntimeError):
+    """A call pinned to another replica reached this one: a routing bug, never silently served, since
+    chunks sent to a stream on the wrong replica would be lost."""
+
+
+def _own_replica_id() -> str | None:
+    """This replica's unique id (what `EngineRouter` pins calls with), or None outside Ray Serve."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
 class _Caller:
     """One caller's requests, its outbox (chunks of all its requests, handed out in batches) and lease."""
 
@@ -76,17 +93,27 @@ class _Caller:
         self.ready = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
         self.last_seen = time.monotonic()
+        self.expired = False  # its lease ran out: its stream ends, and the caller must subscribe anew
 
     def put(self, request_id: str, item: Any) -> None:
         self.items.append((request_id, item))
         self.ready.set()
 
-    async def take(self) -> list[tuple[str, Any]]:
-        while not self.items:
+    async def take(self) -> list[tuple[str, Any]] | None:
+        """The items since the last call, once there are any; None once the lease has expired."""
+        while not self.items and not self.expired:
             self.ready.clear()
             await self.ready.wait()
+        if self.expired:
+            return None
         batch, self.items = self.items, []
         return batch
+
+    def expire(self) -> int:
+        """End the caller's stream and abort its requests; how many there were."""
+        self.expired = True
+        self.ready.set()
+        return self.abort_all()
 
     def abort_all(self) -> int:
         tasks = list(self.tasks.values())
@@ -96,17 +123,24 @@ class _Caller:
 
 
 class EngineService:
-    """Owns one `AsyncLLMEngine` (its step loop runs in a thread of this replica)."""
+    """Owns one engine: the native `AsyncLLMEngine` (its step loop runs in a thread of this replica), or
+    what `make_engine` returns in a subclass (the SGLang servers' `SGLangEngine`, with the same calls)."""
 
     def __init__(self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None = None):
         if cfg.engine_cpu_cores:
             pin_process(cfg.engine_cpu_cores)
         restore_priority()
         self.config = cfg
-        self.engine = AsyncLLMEngine(cfg.engine_config(), prefill_executor)
+        self.engine = self.make_engine(cfg, prefill_executor)
         self._callers: dict[str, _Caller] = {}
         self._reaper: asyncio.Task | None = None
+        self.replica_id = _own_replica_id()
+        self._routing_seq = 0
         logger.info("%s ready: %s", type(self).__name__, self.engine.model_info)
+
+    def make_engine(self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None) -> Any:
+        """The engine behind this replica."""
+        return AsyncLLMEngine(cfg.engine_config(), prefill_executor)
 
     # ---- callers and their leases ----
     def _caller(self, caller_id: str) -> _Caller:
@@ -118,8 +152,13 @@ class EngineService:
             self._reaper = asyncio.ensure_future(self._reap())
         return caller
 
-    def keepalive(self, caller_id: str) -> None:
+    def _check_pin(self, replica: str | None) -> None:
+        if replica is not None and replica != self.replica_id:
+            raise MisroutedCall(f"a call for replica {replica} reached replica {self.replica_id}")
+
+    async def keepalive(self, caller_id: str, replica: str | None = None) -> None:
         """Renew the caller's lease."""
+        self._check_pin(replica)
         self._caller(caller_id)
 
     async def _reap(self) -> None:
@@ -130,7 +169,7 @@ class EngineService:
             for caller_id, caller in list(self._callers.items()):
                 if caller.last_seen < deadline:
                     del self._callers[caller_id]
-                    aborted = caller.abort_all()
+                    aborted = caller.expire()
                     logger.warning("caller %s stopped renewing its lease: aborted its %d requests", caller_id, aborted)
 
     # ---- one streaming call per request ----
@@ -153,13 +192,15 @@ class EngineService:
 
     # ---- many requests over one stream ----
     async def submit(self, caller_id: str, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams) -> None:
-        """Start a request whose chunks (or its error) go to `caller_id`'s stream."""
+                     params: SamplingParams) -> str | None:
+        """Start a request whose chunks (or its error) go to `caller_id`'s stream on this replica;
+        returns this replica's id, which the caller subscribes to."""
         caller = self._caller(caller_id)
         if request_id in caller.tasks:
             caller.put(request_id, InvalidRequest("request_id", f"request id {request_id!r} is already running"))
-            return
-        caller.tasks[request_id] = asyncio.ensure_future(self._pump(caller, request_id, prompt_token_ids, params))
+        else:
+            caller.tasks[request_id] = asyncio.ensure_future(self._pump(caller, request_id, prompt_token_ids, params))
+        return self.replica_id
 
     async def _pump(self, caller: _Caller, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -173,21 +214,23 @@ class EngineService:
             await chunks.aclose()  # not finished: aborts the request, its pages return
             caller.tasks.pop(request_id, None)
 
-    async def subscribe(self, caller_id: str) -> AsyncIterator[list[tuple[str, Any]]]:
+    async def subscribe(self, caller_id: str, replica: str | None = None) -> AsyncIterator[list[tuple[str, Any]]]:
         """The caller's stream: lists of (request_id, RequestOutput | error), as they come. When the
         caller goes away (this generator is cancelled, or its lease runs out), its requests are aborted."""
+        self._check_pin(replica)
         caller = self._caller(caller_id)
         try:
             yield []  # subscribed
-            while True:
-                yield await caller.take()
+            while (batch := await caller.take()) is not None:
+                yield batch
         finally:
             if self._callers.get(caller_id) is caller:
                 del self._callers[caller_id]
             caller.abort_all()
 
-    async def abort(self, caller_id: str, request_ids: list[str]) -> int:
+    async def abort(self, caller_id: str, request_ids: list[str], replica: str | None = None) -> int:
         """Abort submitted requests (their client went away); how many were still running."""
+        self._check_pin(replica)
         caller = self._callers.get(caller_id)
         if caller is None:
             return 0
@@ -200,11 +243,25 @@ class EngineService:
     def model_info(self) -> dict[str, Any]:
         return dict(self.engine.model_info)
 
-    def stats(self) -> EngineStats:
+    def stats(self, replica: str | None = None) -> EngineStats:
+        self._check_pin(replica)
         return self.engine.stats()
 
-    def flush_cache(self) -> None:
+    def flush_cache(self, replica: str | None = None) -> None:
+        self._check_pin(replica)
         self.engine.flush_cache()
+
+    # ---- what Ray Serve asks every replica for (the router's load, the autoscaler's signals) ----
+    def record_routing_stats(self) -> dict[str, Any]:
+        """`EngineRouter`'s load signal; `seq` tells it a report is fresh."""
+        s = self.engine.stats()
+        self._routing_seq += 1
+        return {"load": s.num_running + s.num_waiting + s.num_prefilling + s.num_loading,
+                "kv_usage": s.kv_usage, "seq": self._routing_seq}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The signals of `deployments.autoscaling_policy` (Serve averages them over its look-back)."""
+        return autoscaling_signals(self.engine.stats())
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

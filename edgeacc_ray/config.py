@@ -17,6 +17,8 @@ import re
 from typing import Any, Literal, Mapping
 
 from edgeacc_ray.engine.config import EngineConfig, EngineSettings, SemiPDConfig
+from edgeacc_ray.replica_scaling import EngineScaling, IngressScaling
+from edgeacc_ray.sglang_backend.settings import SGLangSettings, check_sglang, sglang_semi_pd_default
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Variables of the EdgeAcc-SGLang Docker image -> fields.
@@ -49,7 +51,10 @@ class ServeConfig(EngineSettings):
     model: str = Field(DEFAULT_MODEL, min_length=1, description="HF folder, .gguf file, or a built-in name: "
                        f"{DEFAULT_MODEL!r} (the default, fetched from PyPI once), 'tiny', 'small' (tests, benchmarks)")
     served_model_name: str | None = Field(None, description="name clients use in `model`; default: `model`")
-    backend: Literal["native"] = "native"
+    backend: Literal["native", "sglang"] = Field(
+        "native", description="native: the PyTorch engine (CPU, CUDA); sglang: SGLang engines on GPU nodes (the `sglang` "
+        "extra), set up by `sglang`")
+    sglang: SGLangSettings = Field(default_factory=SGLangSettings, description="backend sglang: its engines' settings")
 
     # HTTP. host/port are the Serve proxy's (see `http_options` / `python -m deployments.launch`).
     host: str = Field("127.0.0.1", min_length=1)
@@ -62,7 +67,7 @@ class ServeConfig(EngineSettings):
         "default: an eighth of max_num_seqs, so no request holds more than a small share of the batch")
 
     # Parallelism and the EdgeAcc feature set.
-    tensor_parallel_size: int = Field(1, ge=1)
+    # tensor_parallel_size is an engine setting (EngineSettings): the native engine's ranks, or SGLang's.
     enable_edge_acc: bool = Field(False, description="the recommended set: pd_mode semi_pd and "
                                   "enable_hierarchical_cache (each unless set explicitly)")
     pd_mode: Literal["colocated", "semi_pd"] = Field(
@@ -84,8 +89,18 @@ class ServeConfig(EngineSettings):
     engine_cpu_cores: list[int] | None = Field(None, description="pin the engine process to these cores")
     engine_resources: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
     engine_max_ongoing_requests: int = Field(1024, ge=1)
-    ingress_num_replicas: int = Field(1, ge=1)
-    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    engine_replicas: EngineScaling = Field(default_factory=EngineScaling, description="engine replicas (semi_pd: "
+                                           "pairs); autoscaled on waiting requests, KV and TTFT when max > min")
+    ingress_replicas: IngressScaling = Field(default_factory=IngressScaling, description="HTTP replicas; "
+                                             "autoscaled on requests in flight when max > min")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="HTTP requests one Ingress replica serves at once")
+    ingress_max_queued_requests: int = Field(
+        1024, ge=-1, description="HTTP requests the proxy holds while every Ingress replica is full; one more gets "
+        "429 + Retry-After before it reaches a replica (-1: unbounded)")
+    request_router: Literal["cache_aware", "least_loaded"] = Field(
+        "cache_aware", description="how new requests pick an engine replica: the one holding the longest prefix of "
+        "the prompt unless it is router_imbalance requests busier than the least loaded, or always the least loaded")
+    router_imbalance: int = Field(8, ge=0, description="cache_aware: extra load a prefix-holding replica may carry")
     engine_stream_mode: Literal["multiplexed", "per_request"] = Field(
         "multiplexed", description="one output stream per Ingress replica for all its requests, or one per request")
 
@@ -104,17 +119,27 @@ class ServeConfig(EngineSettings):
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
         if self.enable_edge_acc and "pd_mode" not in self.model_fields_set:
-            self.pd_mode = "semi_pd"
+            self.pd_mode = "semi_pd" if self.backend == "native" or sglang_semi_pd_default(self) else "colocated"
         if self.enable_edge_acc and "enable_hierarchical_cache" not in self.model_fields_set:
             self.enable_hierarchical_cache = self.enable_prefix_caching  # the tier needs the prefix keys
-        if self.pd_mode == "semi_pd" and self.engine_device() != "cpu":
+        if self.backend == "sglang":
+            check_sglang(self)
+        elif self.pd_mode == "semi_pd" and self.engine_device() != "cpu":
             raise ValueError("pd_mode='semi_pd' runs on CPU nodes in this build (the CUDA path, IPC handles and "
                              "an MPS split, is not implemented yet); use pd_mode='colocated' on GPUs")
-        if self.backend == "native" and self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: the native backend runs each engine on one "
-                "device; use tensor_parallel_size=1 (or the sglang backend on GPU nodes)"
-            )
+        if self.pd_mode == "semi_pd" and self.engine_replicas.autoscaled:
+            raise ValueError("engine_replicas: semi_pd pairs are not autoscaled in this build (the prefill and decode "
+                             "deployments would scale apart); set min_replicas == max_replicas")
+        if self.backend == "native" and self.tensor_parallel_size > 1:
+            if self.pd_mode == "semi_pd":
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the native engine's semi_pd runs "
+                                 "on one rank in this build; use pd_mode='colocated' with tensor parallelism")
+            if self.enable_hierarchical_cache:  # EngineConfig refuses it too; here it names the source
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the KV offload tier "
+                                 "(enable_hierarchical_cache) runs on one rank's pool; turn one of them off")
+            if self.engine_device() == "cuda" and self.engine_num_gpus != 1:
+                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: each rank needs a whole GPU; "
+                                 f"set engine_num_gpus=1 (got {self.engine_num_gpus})")
         if self.device == "cuda" and self.engine_num_gpus <= 0:
             raise ValueError("device='cuda' needs engine_num_gpus > 0 so Ray gives the engine a GPU")
         if self.engine_num_gpus > 1 and self.engine_num_gpus != int(self.engine_num_gpus):
@@ -218,7 +243,7 @@ def _env_value(name: str, raw: str) -> Any:
 
             return json.loads(raw)
         return [part.strip() for part in raw.split(",") if part.strip()]
-    if name == "engine_resources":
+    if name in ("engine_resources", "sglang") or (name.endswith("_replicas") and raw.strip().startswith("{")):
         import json
 
         return json.loads(raw)

@@ -38,7 +38,8 @@ def test_args_override_environment():
     ({"max_num_seqs": -1}, {}, "max_num_seqs"),
     ({"dtype": "int3"}, {}, "dtype"),
     ({"modle": "tiny"}, {}, "modle (from args): unknown setting"),
-    ({}, {"TENSOR_PARALLEL_SIZE": "2"}, "tensor_parallel_size (from env TENSOR_PARALLEL_SIZE='2')"),
+    ({}, {"TENSOR_PARALLEL_SIZE": "0"}, "tensor_parallel_size (from env TENSOR_PARALLEL_SIZE='0')"),
+    ({"pd_mode": "semi_pd"}, {"TENSOR_PARALLEL_SIZE": "2"}, "tensor_parallel_size (from env TENSOR_PARALLEL_SIZE='2')"),
     ({"device": "cuda"}, {}, "device"),
     ({"engine_num_gpus": 1.5}, {}, "engine_num_gpus"),
     ({"engine_cpu_cores": [4096]}, {}, "engine_cpu_cores"),
@@ -73,7 +74,7 @@ def test_build_app_rejects_bad_settings_before_deploying():
 def test_build_app_binds_ingress_and_colocated_engine():
     from deployments.app import build_app
 
-    app = build_app({"model": "tiny", "engine_num_gpus": 0.5, "ingress_num_replicas": 1})
+    app = build_app({"model": "tiny", "engine_num_gpus": 0.5, "ingress_replicas": 1})
     ingress = app._bound_deployment
     assert ingress.name == "Ingress"
     engine = ingress.init_args[1]._bound_deployment

@@ -1,0 +1,142 @@
+"""The request router of the engine deployments (`EngineServer`, `DecodeServer`): a Ray Serve custom
+request router that runs inside each caller's process (the Ingress replicas).
+
+Two jobs:
+- **Pinned calls.** A call that names its replica (`replica=<unique id>` keyword: an Ingress's output
+  stream, lease renewals and aborts, which belong to the replica that runs the requests) goes to that
+  replica and nowhere else. Without this, a second engine replica would receive subscriptions and
+  aborts meant for the first.
+- **Cache-aware placement** of new requests (`submit`, `generate`): the replica that most recently took
+  the longest prefix of the prompt, in the prefix cache's own page keys, gets it while its load stays
+  within `imbalance` requests of the least-loaded replica; otherwise the least-loaded replica does
+  (SGLang's cache-aware router does the same with a radix tree per worker).
+
+Load is what each engine reports through `record_routing_stats` (running + waiting + prefilling +
+loading), plus the requests this router sent it since that report: Serve's own queue length counts
+handle calls, and a multiplexed `submit` returns at once.
+"""
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+import deployments.replica_registry as registry
+from edgeacc_ray.engine.block_manager import page_key
+
+PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
+MAX_UNROUTED = 4096
+PLACED_METHODS = frozenset({"submit", "generate"})  # calls that start a request: (caller, request_id, prompt, ...)
+
+class PrefixAffinity:
+    """Page-key chains of recent prompts -> the replica that took them, in LRU order and bounded."""
+
+    def __init__(self, page_size: int, max_pages: int, capacity: int) -> None:
+        self.page_size, self.max_pages, self.capacity = page_size, max_pages, capacity
+        self._owner: OrderedDict[bytes, str] = OrderedDict()
+
+    def keys(self, prompt_token_ids: list[int]) -> list[bytes]:
+        """The prefix cache's keys of the prompt's full pages (at most `max_pages`)."""
+        keys, parent = [], b""
+        full = min(len(prompt_token_ids) // self.page_size, self.max_pages)
+        for i in range(full):
+            parent = page_key(parent, prompt_token_ids[i * self.page_size:(i + 1) * self.page_size])
+            keys.append(parent)
+        return keys
+
+    def longest_owner(self, keys: list[bytes], alive: set[str]) -> tuple[str | None, int]:
+        """The live replica that took the deepest of `keys`, and how many pages deep."""
+        for depth in range(len(keys), 0, -1):
+            owner = self._owner.get(keys[depth - 1])
+            if owner is not None and owner in alive:
+                return owner, depth
+        return None, 0
+
+    def record(self, keys: list[bytes], replica: str) -> None:
+        for key in keys:
+            self._owner[key] = replica
+            self._owner.move_to_end(key)
+        while len(self._owner) > self.capacity:
+            self._owner.popitem(last=False)
+
+    def forget(self, replica: str) -> None:
+        for key in [k for k, owner in self._owner.items() if owner == replica]:
+            del self._owner[key]
+
+
+class EngineRouter(RequestRouter):
+    """See the module docstring. Configured through `RequestRouterConfig.request_router_kwargs`."""
+
+    def initialize_state(self, page_size: int = 16, imbalance: int = 8, prefix_affinity: bool = True,
+                         max_prefix_pages: int = 256, capacity: int = 200_000, **_: Any) -> None:
+        self.imbalance = imbalance
+        self.affinity = PrefixAffinity(page_size, max_prefix_pages, capacity) if prefix_affinity else None
+        self._sent: dict[str, int] = {}  # requests sent per replica since its last routing-stats report
+        self._report_seq: dict[str, int] = {}
+        self._keys: OrderedDict[str, list[bytes]] = OrderedDict()  # request id -> its prompt's keys, until routed
+
+    # ---- replica set ----
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        dep = self._deployment_id
+        gone = registry.update(dep.app_name, dep.name, frozenset(r.replica_id.unique_id for r in replicas))
+        for replica in gone:
+            self._sent.pop(replica, None)
+            self._report_seq.pop(replica, None)
+            if self.affinity is not None:
+                self.affinity.forget(replica)
+
+    # ---- load ----
+    def load(self, replica: RunningReplica) -> int:
+        """Requests the replica holds, as of its last report, plus those sent to it since."""
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        seq = int(stats.get("seq", -1))
+        if self._report_seq.get(rid) != seq:  # a fresh report already counts what was sent before it
+            self._report_seq[rid] = seq
+            self._sent[rid] = 0
+        return int(stats.get("load", 0)) + self._sent.get(rid, 0)
+
+    # ---- routing ----
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # one ranking per attempt; back off between
+        if not candidate_replicas:
+            return []
+        pin = pending_request.kwargs.get(PIN_KWARG) if pending_request is not None else None
+        if pin is not None:
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == pin]]
+        by_load = sorted(candidate_replicas, key=lambda r: (self.load(r), random.random()))
+        preferred = self._affine(by_load, pending_request)
+        if preferred is not None:
+            return [[preferred], [r for r in by_load if r is not preferred]]
+        return [[r] for r in by_load]
+
+    def _affine(self, by_load: list[RunningReplica], pending: PendingRequest | None) -> RunningReplica | None:
+        """The replica holding the longest prefix of a new request's prompt, if it is not overloaded."""
+        if self.affinity is None or pending is None or pending.metadata.call_method not in PLACED_METHODS:
+            return None
+        if len(pending.args) < 3 or not isinstance(pending.args[2], list):
+            return None
+        keys = self.affinity.keys(pending.args[2])
+        self._keys[pending.metadata.internal_request_id] = keys
+        while len(self._keys) > MAX_UNROUTED:  # requests cancelled before they were routed
+            self._keys.popitem(last=False)
+        alive = {r.replica_id.unique_id: r for r in by_load}
+        owner, _ = self.affinity.longest_owner(keys, set(alive))
+        if owner is None:
+            return None
+        replica = alive[owner]
+        return replica if self.load(replica) - self.load(by_load[0]) <= self.imbalance else None
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        if pending_request.metadata.call_method not in PLACED_METHODS:
+            return
+        rid = replica_id.unique_id
+        self._sent[rid] = self._sent.get(rid, 0) + 1
+        keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
+        if keys and self.affinity is not None:
+            self.affinity.record(keys, rid)

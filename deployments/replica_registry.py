@@ -1,0 +1,27 @@
+"""Which replicas of each deployment the request routers of this process see, for callers that must
+reach every replica (stats, cache flushes, lease renewals), not just the one a call is routed to.
+
+Its own module because Serve ships a custom router class to the caller's process by value
+(cloudpickle), module globals included: a registry defined next to the router would be a private
+copy there. This module is imported by reference, so router and callers share it.
+"""
+from __future__ import annotations
+
+import threading
+
+_lock = threading.Lock()  # routers run on Serve's router thread, callers on the replica's event loop
+_replicas: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def update(app_name: str, deployment_name: str, replica_ids: frozenset[str]) -> frozenset[str]:
+    """Record the running replicas of a deployment; returns those that are gone since the last update."""
+    with _lock:
+        before = _replicas.get((app_name, deployment_name), frozenset())
+        _replicas[(app_name, deployment_name)] = replica_ids
+    return before - replica_ids
+
+
+def known_replicas(app_name: str, deployment_name: str) -> list[str]:
+    """Unique ids of a deployment's running replicas, as this process's routers last saw them."""
+    with _lock:
+        return sorted(_replicas.get((app_name, deployment_name), ()))
