@@ -5,11 +5,13 @@ import itertools
 from typing import Any, Sequence as Seq
 
 from edgeacc_ray.engine.config import EngineConfig
+from edgeacc_ray.engine.device import resolve_device
 from edgeacc_ray.engine.errors import EngineOverloaded
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.outputs import CompletionOutput
 from edgeacc_ray.engine.process_prefill_executor import ProcessPrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.sm_split import prefill_mps_share
 
 Prompt = str | list[int]
 
@@ -26,7 +28,9 @@ class LLM:
         `enable_hierarchical_cache=True` needs `ray.init()` first (the tier's store is a Ray actor).
         Queue bounds and the TPOT-driven running bound are off unless given (`OFFLINE_DEFAULTS`)."""
         config = EngineConfig(model=model, **{**OFFLINE_DEFAULTS, **engine_args})
-        self.prefill_process = ProcessPrefillExecutor(config.max_num_batched_tokens) if config.semi_pd else None
+        mps_share = prefill_mps_share() if config.semi_pd and resolve_device(config.device) == "cuda" else None
+        self.prefill_process = (ProcessPrefillExecutor(config.max_num_batched_tokens, mps_share)
+                                if config.semi_pd else None)
         try:
             self.engine = LLMEngine(config, self.prefill_process)
         except BaseException:
@@ -85,6 +89,8 @@ class LLM:
                 result.text += out.text
                 if out.logprobs is not None:
                     result.logprobs = (result.logprobs or []) + out.logprobs
+                if out.prompt_logprobs is not None:
+                    result.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
                     result.num_cached_tokens = out.num_cached_tokens

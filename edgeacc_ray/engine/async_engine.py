@@ -87,8 +87,8 @@ class AsyncLLMEngine:
         self._post(lambda: self._abort(request_id))
 
     def is_alive(self) -> bool:
-        """True while the step loop runs (health checks)."""
-        return self._thread.is_alive() and self._error is None
+        """True while the step loop runs and the engine's ranks answer (health checks)."""
+        return self._thread.is_alive() and self._error is None and self.engine.healthy()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()  # counters are plain ints: a racy but consistent-enough snapshot
@@ -157,8 +157,10 @@ class AsyncLLMEngine:
         except BaseException as exc:
             self._error = exc
             logger.exception("the engine's step loop failed; failing %d requests", len(self._streams))
+            error = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(  # typed: e.g. a lost TP rank
+                "the engine stopped while running this request")
             for request_id in list(self._streams):
-                self._deliver(request_id, EngineUnavailable("the engine stopped while running this request"))
+                self._deliver(request_id, error)
             raise
 
     def _drain_commands(self) -> None:
@@ -195,5 +197,6 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     return RequestOutput(
         request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finished=b.finished,
         finish_reason=b.finish_reason, stop_reason=b.stop_reason, logprobs=logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
         num_prompt_tokens=b.num_prompt_tokens, num_cached_tokens=b.num_cached_tokens,
         num_output_tokens=b.num_output_tokens)

@@ -60,11 +60,12 @@ class BlockManager:
         return max(0, -(-num_tokens // self.page_size) - len(seq.page_table))
 
     def match_prefix(self, seq: Sequence) -> None:
-        """Give a new sequence the cached pages of its longest cached prefix (never its last token)."""
+        """Give a new sequence the cached pages of its longest cached prefix (never its last token, nor
+        positions it needs computed for prompt logprobs: `seq.num_cacheable_tokens`)."""
         if not self.enable_prefix_caching:
             return
         tokens, size, parent = seq.token_ids, self.page_size, ROOT_KEY
-        for start in range(0, seq.num_tokens - 1 - size + 1, size):
+        for start in range(0, seq.num_cacheable_tokens - size + 1, size):
             key = page_key(parent, tokens[start:start + size])
             page = self.page_of_key.get(key)
             if page is None:

@@ -42,6 +42,19 @@ class EngineSettings(BaseModel):
     max_model_len: int | None = Field(
         None, ge=2, description="default: the checkpoint's max_position_embeddings, capped at 32768")
     num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process (DESIGN §5)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="ranks the native engine's attention heads and MLP are split over: the engine's "
+        "process and tensor_parallel_size - 1 Ray actors on the same node (NCCL on CUDA, gloo on CPU); "
+        "kv_cache_memory_gb is per rank, each holding its own KV heads")
+    tensor_parallel_timeout_s: float = Field(
+        30.0, gt=0, description="a tensor-parallel collective that takes longer fails (a lost rank stops the "
+        "engine with an error instead of hanging it)")
+    cuda_graphs: bool = Field(
+        True, description="CUDA: replay captured decode steps (one graph per padded batch size and context "
+        "bucket, captured on first use) on the torch attention path; no effect on CPU")
+    attention_backend: Literal["auto", "torch", "flashinfer"] = Field(
+        "auto", description="CUDA: flashinfer's paged prefill/decode kernels when flashinfer imports (auto) or "
+        "always (flashinfer); torch: the built-in path. CPU always uses torch")
     enable_prefix_caching: bool = True
     enable_hierarchical_cache: bool = Field(
         False, description="offload tier (kv_store/, SGLang's HiCache): every full KV page is also written to "
@@ -90,6 +103,18 @@ class EngineConfig(EngineSettings):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
 
     model: str = Field("tiny", min_length=1)
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "cpu", description="auto: cuda when torch sees a GPU, else cpu (engine/device.py resolves it)")
     semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
     kv_store_name: str | None = None  # the tier's store; None: the node's own (another: a separate tier)
+
+    @model_validator(mode="after")
+    def _tensor_parallel_alone(self) -> "EngineConfig":
+        """The native engine's tensor parallelism covers the colocated engine without the KV tier."""
+        if self.tensor_parallel_size > 1 and self.semi_pd is not None:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: semi_pd runs on one rank in "
+                             "this build; use tensor_parallel_size=1 or no semi_pd")
+        if self.tensor_parallel_size > 1 and self.enable_hierarchical_cache:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the KV offload tier "
+                             "(enable_hierarchical_cache) runs on one rank's pool; turn one of them off")
+        return self

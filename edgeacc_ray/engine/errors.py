@@ -37,3 +37,9 @@ class EngineOverloaded(EngineUnavailable):
 class QueueTimeout(EngineUnavailable):
     """The request waited longer than the engine's queue timeout without starting; it was dropped and
     holds nothing (HTTP 503 with Retry-After: `retry_after_s`)."""
+
+
+class TensorParallelFailure(EngineUnavailable):
+    """A tensor-parallel rank is gone or stopped answering (a collective failed or ran past its
+    timeout). The group cannot continue without it: the engine stops, and its replica is restarted
+    with a new group."""

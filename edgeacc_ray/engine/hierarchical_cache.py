@@ -127,7 +127,7 @@ class HierarchicalCache:
         """Ask the tier for the full pages of seq's tokens past its device prefix. False (nothing
         asked) when too few are missing; else seq.prefix_load is set."""
         size = self.block_manager.page_size
-        start, end = len(seq.page_table), (seq.num_tokens - 1) // size
+        start, end = len(seq.page_table), seq.num_cacheable_tokens // size
         if end - start < MIN_LOAD_PAGES:
             return False
         parent, keys = seq.page_keys[-1] if seq.page_keys else ROOT_KEY, []

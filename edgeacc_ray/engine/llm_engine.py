@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ from edgeacc_ray.engine.block_manager import BlockManager
 from edgeacc_ray.engine.config import EngineConfig
 from edgeacc_ray.engine.detokenizer import IncrementalDetokenizer
 from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.core_split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.device import CudaRunnerOptions, DevicePlan
 from edgeacc_ray.engine.latency_metrics import LatencyMetrics
 from edgeacc_ray.engine.model_runner import ModelRunner, kv_page_bytes, kv_pool_shape
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput, SplitStats
@@ -29,8 +28,12 @@ from edgeacc_ray.engine.scheduler import Scheduler
 from edgeacc_ray.engine.sequence import Sequence, SequenceStatus
 from edgeacc_ray.engine.split_controller import SplitController
 from edgeacc_ray.engine.structured_output import GrammarCompiler, next_token_bitmask
-from edgeacc_ray.engine.unified_storage import MappedStorage, StorageSpec, export
+from edgeacc_ray.engine.tp_messages import WorkerSpec
+from edgeacc_ray.engine.tp_ranks import Rank0Model, TensorParallelRanks, new_group_name, node_address
+from edgeacc_ray.engine.semi_pd_setup import start_semi_pd
+from edgeacc_ray.engine.unified_storage import MappedStorage
 from edgeacc_ray.models.loader import load_model
+from edgeacc_ray.models.tp_shard import TPShard
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.hierarchical_cache import HierarchicalCache
@@ -52,13 +55,18 @@ class LLMEngine:
 
             require_ray()  # before the model loads
         semi_pd = config.semi_pd
-        if semi_pd is not None and (config.device != "cpu" or prefill_executor is None):
-            raise ValueError("semi_pd needs device='cpu' and a prefill executor")
-        if config.device == "cpu":
+        if semi_pd is not None and prefill_executor is None:
+            raise ValueError("semi_pd needs a prefill executor")
+        self.plan = DevicePlan.resolve(config.device, config.attention_backend, config.cuda_graphs)
+        self.device = device = self.plan.device
+        if device == "cpu":
             configure_cpu(config.num_threads)
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model, self.args = load_model(self.model_path, config.dtype, config.device, pack=semi_pd is None)
+        tp = config.tensor_parallel_size
+        # Under tensor parallelism self.args is this rank's shard: H/tp heads, Hkv/tp KV heads per layer.
+        model, self.args = load_model(self.model_path, config.dtype, device, pack=semi_pd is None,
+                                      shard=TPShard(0, tp) if tp > 1 else None)
         self.dtype = model.model.embed_tokens.weight.dtype
         page_bytes = kv_page_bytes(self.args, config.page_size, self.dtype)
         num_pages = config.num_pages or int(config.kv_cache_memory_gb * 2**30 // page_bytes)
@@ -69,23 +77,32 @@ class LLMEngine:
                                  num_pages * config.page_size)
         self.limits = RequestLimits(self.max_model_len, self.args.vocab_size, config.max_logprobs,
                                     num_pages * config.page_size)
-        workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if config.device == "cpu" else 0
+        # The decode workspace's rows are this process's bookkeeping, which the other ranks do not see.
+        workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if device == "cpu" and tp == 1 else 0
+        # CUDA: decode graphs only on one rank (a graph cannot hold the ranks' collectives here).
+        cuda = CudaRunnerOptions(self.plan.attention, self.plan.cuda_graphs and tp == 1, config.max_num_seqs,
+                                 self.max_model_len) if device == "cuda" else None
+        scratch_pages = 1 if cuda is not None and cuda.cuda_graphs else 0  # the graphs' padding rows write there
         self.storage: MappedStorage | None = None
         self.dispatcher: PrefillDispatcher | None = None
         self.split: SplitController | None = None
-        if semi_pd is not None:
-            self.storage = export(model, kv_pool_shape(self.args, num_pages, config.page_size))
-            self.storage_spec = StorageSpec(self.storage.arena.manifest, str(self.model_path), config.dtype)
+        if semi_pd is not None:  # CPU: a /dev/shm segment and a core split; CUDA: IPC and an SM split
+            parts = start_semi_pd(model, kv_pool_shape(self.args, num_pages + scratch_pages, config.page_size),
+                                  str(self.model_path), config.dtype, semi_pd, device,
+                                  live_decode_split=scratch_pages == 0)
+            self.storage, self.storage_spec, self.split = parts.storage, parts.spec, parts.split
+            self._control, self._follower, self._initial_cores = parts.control, parts.follower, parts.initial_cores
             self.dispatcher = PrefillDispatcher(self.storage_spec, prefill_executor, semi_pd.prefill_batch_tokens,
                                                 semi_pd.max_prefill_batches_in_flight)
-            cores = semi_pd.cores or tuple(sorted(os.sched_getaffinity(0)))
-            self.split = SplitController(cores, semi_pd.ttft_slo_ms, semi_pd.tpot_slo_ms,
-                                         lend_idle_cores=semi_pd.lend_idle_cores)
-            self._initial_cores = sorted(os.sched_getaffinity(0))
-            self._control = ControlBlock(self.storage.control)
-            self._follower = CoreSplitFollower(self._control, "decode")
         kv_cache = self.storage.kv_cache if self.storage is not None else None
-        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache)
+        self.tp: TensorParallelRanks | None = None
+        if tp > 1:
+            self.tp = TensorParallelRanks.start(model, WorkerSpec(
+                str(self.model_path), config.dtype, device, config.num_threads, num_pages, config.page_size,
+                rank=0, world_size=tp, store_host=node_address(), store_port=0, group_name=new_group_name(),
+                timeout_s=config.tensor_parallel_timeout_s))
+            model = Rank0Model(model, self.tp)
+        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache, cuda)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
                                           record_new_pages=config.enable_hierarchical_cache)
         self.tier: HierarchicalCache | None = None
@@ -153,6 +170,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def healthy(self) -> bool:
+        """False once a tensor-parallel rank is lost (found by a step or, while idle, a heartbeat)."""
+        return self.tp is None or self.tp.healthy()
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -273,6 +294,7 @@ class LLMEngine:
                 r = by_id[seq.request_id]
                 if r.generator_state is not None:
                     seq.generator.set_state(r.generator_state)
+                seq.prompt_logprobs.extend(r.prompt_logprobs)
                 self.scheduler.prefill_done(seq)
                 if seq.first_token_time is None:
                     self.split.observe_ttft(now - seq.arrival_time)
@@ -303,7 +325,8 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         self.latency.token(seq.arrival_time, seq.first_token_time, seq.last_token_time, now)
         seq.last_token_time = now
-        if seq.first_token_time is None:
+        first = seq.first_token_time is None
+        if first:
             seq.first_token_time = now
             self.counters["prompt"] += seq.num_prompt_tokens
             self.counters["cached"] += seq.num_cached_tokens
@@ -323,7 +346,8 @@ class LLMEngine:
             self.scheduler.admission.finished(seq)
             self.counters["finished"] += 1
             self.latency.finished(seq.arrival_time, seq.first_token_time, seq.num_output_tokens, now)
-        return self._output(seq, [token], [logprob] if logprob is not None else [])
+        return self._output(seq, [token], [logprob] if logprob is not None else [],
+                            seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None)
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -338,12 +362,13 @@ class LLMEngine:
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> RequestOutput:
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
+                prompt_logprobs: list | None = None) -> RequestOutput:
         finished = seq.finish_reason is not None
         return RequestOutput(
             request_id=seq.request_id, token_ids=tokens, text=seq.detokenizer.emit(finished), finished=finished,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            logprobs=logprobs if seq.params.logprobs is not None else None,
+            logprobs=logprobs if seq.params.logprobs is not None else None, prompt_logprobs=prompt_logprobs,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens)
 
@@ -383,17 +408,21 @@ class LLMEngine:
         return True
 
     def close(self) -> None:
-        """Send the tier what is queued for it and release the shared segment (Semi-PD); the engine is
-        unusable afterwards."""
+        """Send the tier what is queued for it, release the shared segment (Semi-PD) and stop the
+        tensor-parallel ranks; the engine is unusable afterwards."""
         self._masks.shutdown(wait=False)
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
         if self.tier is not None:
             self.tier.close()
             self.tier = None
         if self.storage is not None:
             self.storage.close()
             self.storage = None
-            use_cores(self._initial_cores)  # the split pinned this process; give it its cores back
-            torch.set_num_threads(self.config.num_threads)
+            if self._initial_cores is not None:
+                use_cores(self._initial_cores)  # the split pinned this process; give it its cores back
+                torch.set_num_threads(self.config.num_threads)
 
     @property
     def model_info(self) -> dict:
@@ -401,7 +430,7 @@ class LLMEngine:
                     max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
                     eos_token_ids=sorted(self.eos_token_ids), page_size=self.config.page_size,
                     num_pages=self.block_manager.num_pages, dtype=str(self.dtype).removeprefix("torch."),
-                    device=self.config.device)
+                    device=self.device)
 
     def _eos_token_ids(self) -> set[int]:
         from transformers import GenerationConfig

@@ -1,15 +1,23 @@
 """Owns the model and the KV page pool; turns a scheduled batch into tensors and runs one forward."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
+from edgeacc_ray.engine.cuda_graphs import DecodeGraphs
 from edgeacc_ray.engine.decode_workspace import DecodeWorkspace
+from edgeacc_ray.engine import prompt_logprobs
+from edgeacc_ray.engine.device import CudaRunnerOptions
 from edgeacc_ray.engine.scheduler import ScheduledBatch
 from edgeacc_ray.engine.sequence import Sequence
 from edgeacc_ray.models.attention import AttentionMetadata, PrefillChunk
 from edgeacc_ray.models.config import ModelArgs
 from edgeacc_ray.models.qwen3 import CausalLM
+
+if TYPE_CHECKING:
+    from edgeacc_ray.models.attention_flashinfer import FlashInferAttention
 
 
 def kv_page_bytes(args: ModelArgs, page_size: int, dtype: torch.dtype) -> int:
@@ -30,7 +38,10 @@ class ModelRunner:
     (Semi-PD passes the shared pool instead)."""
 
     def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int,
-                 workspace_bytes: int = 0, kv_cache: torch.Tensor | None = None) -> None:
+                 workspace_bytes: int = 0, kv_cache: torch.Tensor | None = None,
+                 cuda: CudaRunnerOptions | None = None) -> None:
+        """`cuda` turns on flashinfer and/or decode CUDA graphs (engine/device.py); graphs need a
+        scratch page past `num_pages`, which a private pool gets here and a shared one must bring."""
         self.model = model
         self.args = args
         self.page_size = page_size
@@ -38,23 +49,64 @@ class ModelRunner:
         self.dtype = model.model.embed_tokens.weight.dtype
         if kv_cache is None:
             # empty + zero_ touches every page now; a lazily zeroed pool page-faults on each first write
-            kv_cache = torch.empty(kv_pool_shape(args, num_pages, page_size), dtype=self.dtype,
+            scratch = 1 if cuda is not None and cuda.cuda_graphs else 0
+            kv_cache = torch.empty(kv_pool_shape(args, num_pages + scratch, page_size), dtype=self.dtype,
                                    device=self.device).zero_()
         self.kv_cache = kv_cache
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.workspace = DecodeWorkspace(self.kv_cache, workspace_bytes) if workspace_bytes else None
+        self.graphs: DecodeGraphs | None = None
+        self.flashinfer: FlashInferAttention | None = None
+        if cuda is not None:
+            self._setup_cuda(cuda, num_pages)
+
+    def _setup_cuda(self, cuda: CudaRunnerOptions, num_pages: int) -> None:
+        a = self.args
+        if cuda.attention == "flashinfer":
+            from edgeacc_ray.models.attention_flashinfer import FlashInferAttention
+
+            self.flashinfer = FlashInferAttention(a.num_heads, a.num_kv_heads, a.head_dim, self.page_size,
+                                                  self.dtype, self.device)
+        if cuda.cuda_graphs and self.kv_cache.shape[3] > num_pages:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.page_size, scratch_page=num_pages,
+                                       max_num_seqs=cuda.max_num_seqs,
+                                       max_pages=-(-cuda.max_model_len // self.page_size),
+                                       capture=self.device.type == "cuda")
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute KV for every scheduled token; return logits [S, vocab] for the S sequences
-        whose last token was computed (those that sample), and the sequences themselves."""
+        whose last token was computed (those that sample), and the sequences themselves. The prompt
+        positions of sequences that ask for prompt logprobs are scored into seq.prompt_logprobs."""
+        wants_prompt_logprobs = any(seq.params.prompt_logprobs is not None and seq.next_prompt_logprob is not None
+                                    for seq, _ in batch.items)
+        if self.graphs is not None and not wants_prompt_logprobs and self.graphs.accepts(batch):
+            seqs = [seq for seq, _ in batch.items]
+            logits = self.graphs.run(seqs)
+            if logits is not None:  # None: the capture failed; this step (and the next) run eagerly
+                return logits.cpu(), seqs
         batch, num_short = self._long_rows_last(batch)
         input_ids, positions, meta, sample_rows, samplers = self._prepare(batch, num_short)
+        if self.flashinfer is not None:
+            meta.kernel = self.flashinfer.plan(batch.items, self.args.head_dim ** -0.5)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if wants_prompt_logprobs:
+            prompt_logprobs.record(self._prompt_rows(batch), hidden, self.model.logits)
         if not samplers:
             return torch.empty(0, self.args.vocab_size), []
         rows = hidden[sample_rows] if len(sample_rows) < hidden.shape[0] else hidden
         return self.model.logits(rows).cpu(), samplers
+
+    @staticmethod
+    def _prompt_rows(batch: ScheduledBatch) -> list[prompt_logprobs.PromptRows]:
+        """The hidden rows to score for prompt logprobs (rows follow batch.items, as _prepare lays them)."""
+        rows, row = [], 0
+        for seq, n in batch.items:
+            part = prompt_logprobs.rows_to_score(seq, seq.num_computed_tokens, n, row)
+            if part is not None:
+                rows.append(part)
+            row += n
+        return rows
 
     def _long_rows_last(self, batch: ScheduledBatch) -> tuple[ScheduledBatch, int]:
         """Order the decode rows short first; the rows over twice the median context (and over

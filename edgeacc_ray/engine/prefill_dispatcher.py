@@ -52,7 +52,8 @@ class PrefillDispatcher:
             request_id=seq.request_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
             num_computed_tokens=seq.num_computed_tokens, page_table=list(seq.page_table), params=seq.params,
             generator_state=seq.generator.get_state() if seq.generator is not None else None,
-            token_bitmask=seq.token_bitmask, eos_token_ids=seq.eos_token_ids)
+            token_bitmask=seq.token_bitmask, eos_token_ids=seq.eos_token_ids,
+            next_prompt_logprob=seq.next_prompt_logprob)
             for seq in seqs]
         batch = PrefillBatch(self.storage, tasks)
         try:

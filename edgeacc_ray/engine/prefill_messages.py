@@ -2,7 +2,7 @@
 and sampling state, never KV bytes (the pages themselves are in the shared pool)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class PrefillTask:
     generator_state: torch.Tensor | None = None  # a seeded request's RNG state
     token_bitmask: torch.Tensor | None = None  # a constrained request's allowed first tokens
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens
+    next_prompt_logprob: int | None = None  # params.prompt_logprobs: the first prompt token to score (None: done)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class PrefillResult:
     token_id: int
     logprob: TokenLogprob | None
     generator_state: torch.Tensor | None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # from task.next_prompt_logprob on
 
 
 @dataclass
@@ -49,3 +51,17 @@ class PrefillBatchResult:
 
 class PrefillFailed(EngineUnavailable):
     """The prefill side could not run a batch (its process died or refused it); the requests fail."""
+
+
+@dataclass(frozen=True)
+class StorageProbe:
+    """How the prefill process sees the shared storage (checks and diagnostics: the same memory as the
+    decode side, no private copy): addresses, the bytes its own allocator holds, and per-page KV sums."""
+
+    pid: int
+    storage_name: str | None
+    kv_cache_ptr: int
+    weight_ptr: int
+    device: str
+    own_allocated_bytes: int  # CUDA: torch.cuda.memory_allocated() in the prefill process; CPU: 0
+    page_sums: list[float]  # sum of |KV| over each page asked for, across layers

@@ -46,6 +46,9 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, limits
     if bad:
         raise InvalidRequest("prompt", f"the prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
     _validate_params(params, limits)
+    if params.prompt_logprobs is not None and not 0 <= params.prompt_logprobs_start < n:
+        raise InvalidRequest("prompt_logprobs_start", f"the first prompt token to score must be in [0, {n}) for "
+                             f"this {n}-token prompt, got {params.prompt_logprobs_start}")
 
 
 def _validate_params(p: SamplingParams, limits: RequestLimits) -> None:
@@ -65,6 +68,8 @@ def _validate_params(p: SamplingParams, limits: RequestLimits) -> None:
          f"seed must be an integer in [-2**63, 2**64), got {p.seed}"),
         ("logprobs", p.logprobs is None or 0 <= p.logprobs <= limits.max_logprobs,
          f"logprobs must be between 0 and {limits.max_logprobs}, got {p.logprobs}"),
+        ("prompt_logprobs", p.prompt_logprobs is None or 0 <= p.prompt_logprobs <= limits.max_logprobs,
+         f"prompt_logprobs must be between 0 and {limits.max_logprobs}, got {p.prompt_logprobs}"),
         ("stop", all(isinstance(s, str) and s for s in p.stop), "stop must be a list of non-empty strings"),
         ("stop", len(p.stop) <= MAX_STOP_STRINGS,
          f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(p.stop)}"),

@@ -23,6 +23,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; 0: chosen token only; k: also the top-k alternatives
+    # Prompt logprobs (vLLM's prompt_logprobs, OpenAI's echo, SGLang's logprob_start_len): None: off; k as
+    # `logprobs`. One entry per prompt token from prompt_logprobs_start on; the first is None (its
+    # predecessor's position is not scored), as vLLM and SGLang answer.
+    prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 0
     skip_special_tokens: bool = True
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit

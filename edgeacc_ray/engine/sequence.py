@@ -39,6 +39,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Prompt logprobs (params.prompt_logprobs): entries for prompt tokens prompt_logprobs_base, base + 1, ...
+    # as they are computed; the entry of token j comes from position j - 1.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    prompt_logprobs_base: int = 0
     generator: torch.Generator | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -51,6 +55,8 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.prompt_logprobs is not None:  # the start token's entry is None (nothing before it scored)
+            self.prompt_logprobs_base, self.prompt_logprobs = self.params.prompt_logprobs_start, [None]
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -71,3 +77,19 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def next_prompt_logprob(self) -> int | None:
+        """The prompt token whose logprob is computed next (from position one before it); None when
+        none is asked for or all are done."""
+        if self.params.prompt_logprobs is None:
+            return None
+        token = self.prompt_logprobs_base + len(self.prompt_logprobs)
+        return token if token < self.num_prompt_tokens else None
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """How many leading tokens may come from a cache (device pool or KV tier): never the last one,
+        and none past the first position whose prompt logprobs are still to be computed."""
+        token = self.next_prompt_logprob
+        return self.num_tokens - 1 if token is None else min(self.num_tokens - 1, token - 1)

@@ -51,6 +51,23 @@ class ArenaManifest:
         return Path(self.path).name
 
 
+def lay_out(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = _ALIGN
+            ) -> tuple[dict[str, TensorSlot], int]:
+    """Place each tensor of `specs` at the next `align`-byte boundary; returns the slots and the total
+    size. Shared by this segment and the CUDA arena (engine/cuda_ipc_storage.py)."""
+    slots, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        slot = TensorSlot(offset, tuple(int(d) for d in shape), str(dtype).removeprefix("torch."))
+        slots[name] = slot
+        offset += -(-slot.nbytes // align) * align
+    return slots, offset
+
+
+def slot_view(raw: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
+    """The tensor of `slot` inside a flat uint8 buffer (no copy)."""
+    return raw[slot.offset:slot.offset + slot.nbytes].view(_DTYPES[slot.dtype]).view(slot.shape)
+
+
 class SharedArena:
     """A mapping of one segment. `create` makes a new one (this process owns and later unlinks it);
     `attach` maps an existing one by its manifest."""
@@ -64,11 +81,7 @@ class SharedArena:
     @classmethod
     def create(cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> "SharedArena":
         """Lay out `specs` (name -> (shape, dtype)) in a new zero-filled segment."""
-        slots, offset = {}, 0
-        for name, (shape, dtype) in specs.items():
-            slot = TensorSlot(offset, tuple(int(d) for d in shape), str(dtype).removeprefix("torch."))
-            slots[name] = slot
-            offset += -(-slot.nbytes // _ALIGN) * _ALIGN
+        slots, offset = lay_out(specs)
         SHM_DIR.mkdir(parents=True, exist_ok=True)
         path = SHM_DIR / f"{PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         with open(path, "wb") as f:
@@ -92,8 +105,7 @@ class SharedArena:
                 pass
 
     def _view(self, slot: TensorSlot) -> torch.Tensor:
-        raw = self._bytes[slot.offset:slot.offset + slot.nbytes]
-        return raw.view(_DTYPES[slot.dtype]).view(slot.shape)
+        return slot_view(self._bytes, slot)
 
 
 def sweep_stale_segments() -> list[str]:

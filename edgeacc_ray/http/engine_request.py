@@ -17,11 +17,12 @@ from edgeacc_ray.http.errors import APIError, from_engine_error
 class Collected:
     """A finished choice, accumulated from chunks."""
 
-    __slots__ = ("text", "token_ids", "logprobs", "finish_reason", "stop_reason", "num_prompt_tokens",
-                 "num_cached_tokens")
+    __slots__ = ("text", "token_ids", "logprobs", "prompt_logprobs", "finish_reason", "stop_reason",
+                 "num_prompt_tokens", "num_cached_tokens")
 
     def __init__(self) -> None:
         self.text, self.token_ids, self.logprobs = "", [], []
+        self.prompt_logprobs = None
         self.finish_reason = self.stop_reason = None
         self.num_prompt_tokens = self.num_cached_tokens = 0
 
@@ -30,6 +31,8 @@ class Collected:
         self.token_ids.extend(chunk.token_ids)
         if chunk.logprobs:
             self.logprobs.extend(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = chunk.prompt_logprobs
         self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
         if chunk.finished:

@@ -91,6 +91,19 @@ class Preprocessor:
                            f"at most {limit} per request are allowed (max_request_choices)",
                            param=param, code="too_many_choices")
 
+    @staticmethod
+    def _check_openai_fields(req: SamplingFields, unsupported: dict[str, tuple[Any, str]]) -> None:
+        """What the OpenAI endpoints refuse rather than ignore."""
+        for name, (noop, hint) in unsupported.items():
+            value = getattr(req, name)
+            if value != noop:
+                raise APIError(400, f"{name}={json.dumps(value)[:80]} is not supported by this server{hint}",
+                               param=name)
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        if req.prompt_logprobs is not None and req.stream:
+            raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) <= INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -119,7 +132,9 @@ class Preprocessor:
         return requested
 
     @staticmethod
-    def _openai_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _openai_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
+                       prompt_logprobs: int | None = None) -> SamplingParams:
+        """`prompt_logprobs`: the prompt's top-k as the endpoint derives it (echo), else the request's own."""
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -134,6 +149,7 @@ class Preprocessor:
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else req.prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             min_tokens=req.min_tokens,
             logit_bias=_token_bias(req.logit_bias, "logit_bias"),
@@ -143,6 +159,7 @@ class Preprocessor:
     # ---- /v1/chat/completions ----
     async def chat(self, req: ChatCompletionRequest, max_model_len: int) -> Prepared:
         self.check_model(req.model)
+        self._check_openai_fields(req, UNSUPPORTED_CHAT)
         self._check_choices([req.n])
         tools = HermesTools(req.tools, req.tool_choice, req.parallel_tool_calls) if req.tools else None
         if tools is None and req.tool_choice not in (None, "none", "auto"):
@@ -179,6 +196,8 @@ class Preprocessor:
                 raise APIError(400, "response_format cannot be combined with tool_choice 'required' or a named "
                                "function", param="response_format")
             params.structured, names["structured"] = forced, "tools"
+        if tools is not None:
+            params.stop += tools.stop_strings()
         return Prepared([PreparedPrompt(ids, params)], req.n, names, tools=tools)
 
     @staticmethod
@@ -209,17 +228,21 @@ class Preprocessor:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+        self._check_openai_fields(req, UNSUPPORTED)
+        # echo with logprobs: the prompt's logprobs lead the choice's (as vLLM, from prompt_logprobs if given)
+        prompt_logprobs = req.logprobs if req.echo and req.prompt_logprobs is None else req.prompt_logprobs
         prompts = self._completion_prompts(req.prompt)
         self._check_choices([req.n] * len(prompts))
         prepared = []
         for p in prompts:
             ids = await self._encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
             max_tokens = self._max_tokens(ids, req.max_tokens, max_model_len, "max_tokens", "prompt")
-            prepared.append(PreparedPrompt(ids, self._openai_params(req, max_tokens, req.logprobs),
+            prepared.append(PreparedPrompt(ids, self._openai_params(req, max_tokens, req.logprobs, prompt_logprobs),
                                            text=p if isinstance(p, str) else None))
-        return Prepared(prepared, req.n, {"prompt": "prompt", **_OPENAI_NAMES})
+        names = {"prompt": "prompt", **_OPENAI_NAMES}
+        if req.prompt_logprobs is None:
+            names["prompt_logprobs"] = "logprobs"
+        return Prepared(prepared, req.n, names)
 
     @staticmethod
     def _completion_prompts(p: str | list) -> list[str | list[int]]:
@@ -233,6 +256,9 @@ class Preprocessor:
 
     # ---- /generate ----
     async def generate(self, req: GenerateRequest, max_model_len: int) -> Prepared:
+        for name, noop in UNSUPPORTED_GENERATE.items():
+            if getattr(req, name) != noop:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
         if (req.text is None) == (req.input_ids is None):
             raise APIError(400, "exactly one of `text` and `input_ids` must be given", param="text")
         prompt_param = "text" if req.text is not None else "input_ids"
@@ -256,26 +282,29 @@ class Preprocessor:
         sps = per_prompt(req.sampling_params, GenerateSamplingParams(), "sampling_params")
         rets = per_prompt(req.return_logprob, False, "return_logprob")
         starts = per_prompt(req.logprob_start_len, -1, "logprob_start_len")
-        if any(ret and start is not None and start >= 0 for ret, start in zip(rets, starts)):
-            raise APIError(400, "input token logprobs (logprob_start_len >= 0) are not supported; use -1",
-                           param="logprob_start_len")
+        if any(ret and start < -1 for ret, start in zip(rets, starts)):
+            raise APIError(400, "logprob_start_len must be -1 (output logprobs only) or the first prompt position "
+                           "to return logprobs for", param="logprob_start_len")
         tops = per_prompt(req.top_logprobs_num, 0, "top_logprobs_num")
         rids = per_prompt(req.rid, None, "rid")
         self._check_choices([sp.n for sp in sps], "sampling_params.n")
         names = {"max_tokens": "sampling_params.max_new_tokens", "prompt": prompt_param,
                  "logprobs": "top_logprobs_num", "min_tokens": "sampling_params.min_new_tokens",
+                 "prompt_logprobs": "top_logprobs_num", "prompt_logprobs_start": "logprob_start_len",
                  **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS}}
         prepared = []
         if any(sp.json_schema or sp.regex or sp.ebnf for sp in sps):
             names["structured"] = next(f"sampling_params.{f}" for sp in sps for f in ("json_schema", "regex", "ebnf")
                                        if getattr(sp, f))
-        for prompt, sp, ret, top, rid in zip(prompts, sps, rets, tops, rids):
+        for prompt, sp, ret, top, start, rid in zip(prompts, sps, rets, tops, starts, rids):
             if ret and top < 0:
                 raise APIError(400, f"top_logprobs_num must be >= 0, got {top}", param="top_logprobs_num")
             ids = await self._encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
             max_new = self._max_tokens(ids, sp.max_new_tokens, max_model_len, "sampling_params.max_new_tokens",
                                        prompt_param, clamp=True)
             params = self._sglang_params(sp, max_new, top if ret else None)
+            if ret and start >= 0:  # the prompt's logprobs from `start` on
+                params.prompt_logprobs, params.prompt_logprobs_start = top, start
             for i in range(sp.n):  # SGLang expands n into separate batch entries
                 prepared.append(PreparedPrompt(ids, params, return_logprob=bool(ret), top_logprobs_num=int(top or 0),
                                                rid=rid if sp.n == 1 else None))
@@ -314,6 +343,23 @@ class Preprocessor:
 
 
 _OPENAI_NAMES = {"structured": "response_format"}
+_GRAMMAR_HINT = ": use response_format (json_schema, json_object)"
+# OpenAI / vLLM parameters that change the output and are not implemented: name -> (the value that
+# changes nothing, a hint). Any other value is refused with a 400 naming the parameter.
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "spaces_between_special_tokens": (True, ""), "include_stop_str_in_output": (False, ""),
+    "use_beam_search": (False, ""), "length_penalty": (1.0, ""), "truncate_prompt_tokens": (None, ""),
+    "allowed_token_ids": (None, ": use logit_bias"), "bad_words": (None, ": use logit_bias"),
+    "guided_json": (None, _GRAMMAR_HINT), "guided_regex": (None, _GRAMMAR_HINT),
+    "guided_choice": (None, _GRAMMAR_HINT), "guided_grammar": (None, _GRAMMAR_HINT),
+    "structured_outputs": (None, _GRAMMAR_HINT), "logits_processors": (None, ""),
+    "return_tokens_as_token_ids": (False, ""),
+}
+UNSUPPORTED_GENERATE: dict[str, Any] = {name: None for name in (
+    "input_embeds", "image_data", "audio_data", "video_data", "lora_path", "custom_logit_processor",
+    "token_ids_logprob", "session_params")} | {"return_hidden_states": False}
+UNSUPPORTED_CHAT = {**UNSUPPORTED, "functions": (None, ": use tools"), "function_call": (None, ": use tool_choice"),
+                    "echo": (False, "")}
 
 
 def _token_bias(bias: dict[str, float] | None, param: str) -> dict[int, float]:

@@ -85,7 +85,17 @@ class HermesTools:
                 f"body: %json {json.dumps({**body, 'x-guidance': {'whitespace_flexible': False}})}")
         return StructuredOutput("lark", lark)
 
+    def stop_strings(self) -> list[str]:
+        """parallel_tool_calls=false with tool_choice "auto": generation ends with the first call (the
+        grammar of "required" and of a named function already allows only one)."""
+        return [CLOSE] if not self.parallel and self.choice == "auto" else []
+
     # ---- the output ----
+    @staticmethod
+    def untrim(text: str, stop_reason: str | int | None) -> str:
+        """The output with the `</tool_call>` that stopped it put back (a matched stop string is cut)."""
+        return text + CLOSE if stop_reason == CLOSE else text
+
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """(content before the calls or None, the calls). Blocks that do not parse, or name a tool
         not offered, stay in the content."""
@@ -139,9 +149,9 @@ class ToolCallStream:
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
-        """(content still to send, the calls) at the end of the output."""
-        rest = self.text[self.sent:]
+    def finish(self, stop_reason: str | int | None = None) -> tuple[str, list[ParsedCall]]:
+        """(content still to send, the calls) at the end of the output (`stop_reason`: what ended it)."""
+        rest = self.tools.untrim(self.text, stop_reason)[self.sent:]
         if not self.holding:
             return rest, []
         content, calls = self.tools.parse(rest)

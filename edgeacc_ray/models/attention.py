@@ -9,6 +9,7 @@ on the fly; prefill chunks one sequence at a time with a causal mask offset by t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ class AttentionMetadata:
     workspace: torch.Tensor | None = None  # workspace path: [layers, 2, rows, Hkv, length, D]
     workspace_slots: torch.Tensor | None = None  # [num_workspace * Hkv] flat (row, head, position) of new tokens
     workspace_rows: torch.Tensor | None = None  # [num_workspace] row of each query; None if rows == range
+    kernel: Any = None  # a planned flashinfer step (models/attention_flashinfer.py): it attends every row
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -44,6 +46,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     slots = kv_cache.view(2, num_kv_heads, num_pages * page_size, head_dim)
     new_kv = torch.stack((k, v)).transpose(1, 2)  # [2, Hkv, T, D]: keys and values in one write
     slots.index_copy_(2, meta.slot_mapping, new_kv)
+    if meta.kernel is not None:
+        return meta.kernel.attend(q, kv_cache)
     pages = kv_cache.view(2, num_kv_heads, num_pages, page_size * head_dim)
     q = q * scale
     outs = []

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from edgeacc_ray.models.config import ModelArgs
 from edgeacc_ray.models.packed_linear import can_pack, pack_linears
 from edgeacc_ray.models.qwen3 import CausalLM
+from edgeacc_ray.models.tp_shard import TPShard
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -60,11 +61,14 @@ def model_skeleton(args: ModelArgs, dtype: torch.dtype) -> CausalLM:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
-               pack: bool = True) -> tuple[CausalLM, ModelArgs]:
+               pack: bool = True, shard: TPShard | None = None) -> tuple[CausalLM, ModelArgs]:
     """Load a checkpoint. `pack` pre-packs bf16 CPU linears for oneDNN (a private, unshareable layout:
-    Semi-PD, whose processes share one copy of the weights, loads them unpacked)."""
+    Semi-PD, whose processes share one copy of the weights, loads them unpacked). With `shard`, only
+    that tensor-parallel rank's slice is built and read, and the args returned are its shape."""
     path = Path(path)
     args, torch_dtype = read_model_args(path, dtype)
+    if shard is not None:
+        args = shard.local_args(args)
     model = model_skeleton(args, torch_dtype)
     model.to_empty(device=device)
     if args.tie_word_embeddings:  # to_empty gives each name its own storage: tie again
@@ -75,7 +79,9 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                _copy_weight(params, name, f.get_tensor(name), args, loaded)
+                index = shard.index(name, f.get_slice(name).get_shape()) if shard is not None else None
+                tensor = f.get_tensor(name) if index is None else f.get_slice(name)[index]
+                _copy_weight(params, name, tensor, args, loaded)
     if args.tie_word_embeddings:
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)

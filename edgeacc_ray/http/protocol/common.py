@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -60,3 +61,25 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+@dataclass(frozen=True)
+class StreamUsage:
+    """Where a stream carries usage: `final`, a last chunk with the totals (`include_usage`); `continuous`,
+    every chunk with its choice's usage so far (vLLM's `continuous_usage_stats`, honoured on its own too)."""
+
+    final: bool = False
+    continuous: bool = False
+
+    @classmethod
+    def of(cls, req: Any) -> StreamUsage:
+        """From an OpenAI request's `stream_options`."""
+        opts = req.stream_options
+        return cls(bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
+
+    def add(self, chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int,
+            cached_tokens: int) -> dict[str, Any]:
+        """The chunk, with its usage so far when `continuous`."""
+        if self.continuous:
+            chunk["usage"] = usage_dict(prompt_tokens, completion_tokens, cached_tokens)
+        return chunk

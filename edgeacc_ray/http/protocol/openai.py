@@ -98,8 +98,25 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt tokens (top k), not with stream
     min_tokens: int = 0
     response_format: ResponseFormat | None = None  # on completions too, as vLLM
+    # vLLM parameters this server does not implement, declared so that a request setting them is
+    # refused with a 400 naming them (preprocess.UNSUPPORTED), not silently dropped as unknown fields.
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    logits_processors: list[Any] | None = None
+    return_tokens_as_token_ids: bool = False
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -117,6 +134,10 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # Not implemented (refused with a 400, preprocess.UNSUPPORTED): OpenAI's deprecated functions, vLLM's echo.
+    functions: list[Any] | None = None
+    function_call: Any = None
+    echo: bool = False
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The output bound asked for and the name of the parameter that asked."""

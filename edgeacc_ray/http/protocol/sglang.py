@@ -51,6 +51,17 @@ class GenerateRequest(RequestModel):
     top_logprobs_num: Union[int, list[int]] = 0
     return_text_in_logprobs: bool = False
     rid: Union[str, list[str], None] = None
+    # Not implemented; declared so that a request setting them is refused with a 400 naming them
+    # (preprocess.UNSUPPORTED_GENERATE), not silently dropped as unknown fields.
+    input_embeds: Any = None
+    image_data: Any = None
+    audio_data: Any = None
+    video_data: Any = None
+    lora_path: Any = None
+    custom_logit_processor: Any = None
+    token_ids_logprob: Any = None
+    session_params: Any = None
+    return_hidden_states: bool = False
 
 
 def sglang_finish_reason(reason: str | None, stop_reason: Any, max_new_tokens: int,

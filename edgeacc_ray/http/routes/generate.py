@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from edgeacc_ray.http.context import ApiContext
 from edgeacc_ray.http.engine_request import Collected, EngineRequest, collect_all, merge
-from edgeacc_ray.http.logprobs import sglang_logprobs
+from edgeacc_ray.http.logprobs import sglang_input_logprobs, sglang_logprobs
 from edgeacc_ray.http.preprocess import PreparedPrompt
 from edgeacc_ray.http.protocol.common import new_id
 from edgeacc_ray.http.protocol.sglang import GenerateRequest, sglang_finish_reason
@@ -48,7 +48,10 @@ def _result(ctx: ApiContext, r: EngineRequest, res: Collected, prompt: PreparedP
         "weight_version": "default",
     }
     if prompt.return_logprob:
-        meta.update(sglang_logprobs(res.logprobs, ctx.pre.token_text if lp_text else None, prompt.top_logprobs_num))
+        text_of = ctx.pre.token_text if lp_text else None
+        start = prompt.params.prompt_logprobs_start if prompt.params.prompt_logprobs is not None else -1
+        meta.update(sglang_input_logprobs(prompt.ids, start, res.prompt_logprobs, text_of, prompt.top_logprobs_num))
+        meta.update(sglang_logprobs(res.logprobs, text_of, prompt.top_logprobs_num))
     return {"text": res.text, "output_ids": list(res.token_ids), "meta_info": meta}
 
 
