@@ -6,6 +6,7 @@ so cores move between the phases live, with no restart and no message on the req
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +49,10 @@ class ControlBlock:
         return epoch, CoreSplit(_cores(int(self.words[_PREFILL])), _cores(int(self.words[_DECODE])))
 
 
-class CoreSplitFollower:
-    """Applies one role's share of the published split to this process when it changes.
-    A role with no cores (its phase is idle) keeps its last cores: it does not run anyway."""
+class SplitFollower(ABC):
+    """Applies one role's share of the published split to this process when it changes (`_apply`: cores
+    on CPU, an SM partition on CUDA). A role with no units (its phase is idle) keeps its last ones: it
+    does not run anyway."""
 
     def __init__(self, control: ControlBlock, role: str) -> None:
         if role not in ("prefill", "decode"):
@@ -60,12 +62,23 @@ class CoreSplitFollower:
         self.epoch = -1
         self.cores: tuple[int, ...] = ()
 
+    @abstractmethod
+    def _apply(self, units: tuple[int, ...]) -> None:
+        """Compute on `units` from now on."""
+
     def sync(self) -> tuple[int, ...]:
         epoch, split = self.control.read()
         if epoch != self.epoch:
             self.epoch = epoch
-            cores = getattr(split, self.role)
-            if cores and cores != self.cores:
-                use_cores(list(cores))
-                self.cores = cores
+            units = getattr(split, self.role)
+            if units and units != self.cores:
+                self._apply(units)
+                self.cores = units
         return self.cores
+
+
+class CoreSplitFollower(SplitFollower):
+    """The CPU follower: the role's cores become this process's compute cores."""
+
+    def _apply(self, units: tuple[int, ...]) -> None:
+        use_cores(list(units))

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from edgeacc_ray.engine.core_split import ControlBlock
+from edgeacc_ray.engine.core_split import ControlBlock, SplitFollower
 
 log = logging.getLogger(__name__)
 
@@ -178,29 +178,17 @@ class SmSplitReport:
     sm_counts: dict[int, int]  # level -> SMs of its green context (empty: no green contexts)
 
 
-class SmSplitFollower:
-    """Applies one role's share of the published split (in SM units) at this process's step boundary.
-    Same interface as CoreSplitFollower: `sync()` returns the role's units, `cores` holds them."""
+class SmSplitFollower(SplitFollower):
+    """Applies one role's share of the published split (in SM units) at this process's step boundary."""
 
     def __init__(self, control: ControlBlock, role: str, mode: SmSplitMode, applier: PartitionApplier,
                  partitions: SmPartitions = SmPartitions()) -> None:
-        if role not in ("prefill", "decode"):
-            raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
-        self.control, self.role, self.mode = control, role, mode
-        self.applier, self.partitions = applier, partitions
-        self.epoch = -1
-        self.cores: tuple[int, ...] = ()
+        super().__init__(control, role)
+        self.mode, self.applier, self.partitions = mode, applier, partitions
 
-    def sync(self) -> tuple[int, ...]:
-        epoch, split = self.control.read()
-        if epoch != self.epoch:
-            self.epoch = epoch
-            units = getattr(split, self.role)
-            if units and units != self.cores:
-                self.cores = units
-                if self.mode is not SmSplitMode.TIME_SHARING:
-                    self.applier.use(self.partitions.choose(len(units)))
-        return self.cores
+    def _apply(self, units: tuple[int, ...]) -> None:
+        if self.mode is not SmSplitMode.TIME_SHARING:
+            self.applier.use(self.partitions.choose(len(units)))
 
     def report(self) -> SmSplitReport:
         return SmSplitReport(self.role, self.mode.value, os.environ.get(MPS_PERCENTAGE_ENV), self.applier.level,
