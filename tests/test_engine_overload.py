@@ -20,6 +20,7 @@ from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, Queue
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.queue_bounds import DrainRate, QueueBounds
 from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.engine.start_forecast import Job, start_time_s
 from edgeacc_ray.llm import LLM
 from tests.test_engine_pages import assert_pool_idle
 
@@ -83,6 +84,38 @@ def test_a_predicted_wait_beyond_the_bound_is_refused():
     with pytest.raises(EngineOverloaded) as info:
         bounds.check_arrival(1)
     assert info.value.retry_after_s == queue_bounds.MAX_RETRY_AFTER_S
+
+
+def test_the_forecast_starts_waiters_as_slots_and_pages_free():
+    running = [Job(pages=4, seconds=1.0), Job(pages=2, seconds=3.0)]
+    one_slot = dict(free_slots=1, free_pages=10)
+    assert start_time_s(running, [Job(1, 5.0)], **one_slot) == 0.0  # a free slot: at once
+    assert start_time_s(running, [Job(1, 5.0), Job(1, 5.0)], **one_slot) == 1.0  # the first to end frees one
+    assert start_time_s(running, [Job(1, 5.0)] * 3, **one_slot) == 3.0
+    assert start_time_s(running, [Job(1, 5.0)] * 4, **one_slot) == 5.0  # behind the first waiter's own run
+    assert start_time_s(running, [Job(1, 5.0)] * 4, **one_slot, horizon_s=4.0) == math.inf
+    # Slots to spare but pages short: it starts when enough pages come back.
+    assert start_time_s(running, [Job(11, 1.0)], free_slots=8, free_pages=7) == 1.0
+    assert start_time_s(running, [Job(13, 1.0)], free_slots=8, free_pages=7) == 3.0
+    assert start_time_s(running, [Job(99, 1.0)], free_slots=8, free_pages=7) == math.inf  # never fits
+
+
+def test_a_burst_is_refused_at_the_forecast_before_any_rate_is_measured():
+    """Two slots, 10-token outputs reserved in full, 0.1 s a step: two start now, two when they end
+    (1 s, within max_queue_wait_s), the fifth would wait 2 s. No drain rate exists yet."""
+    engine = LLMEngine(EngineConfig(max_num_seqs=2, max_queued_requests=-1, max_queue_wait_s=1.0,
+                                    new_token_ratio_init=1.0, **TINY))
+    engine.step_time.seconds = 0.1
+    for i in range(4):
+        engine.add_request(f"r{i}", ids(i, 6), greedy(10))
+    with pytest.raises(EngineOverloaded) as info:
+        engine.add_request("fifth", ids(9, 6), greedy(10))
+    assert info.value.code == "queue_wait_too_long"
+    assert info.value.retry_after_s == 1  # when the four waiting now have started, as forecast
+    assert engine.queue_bounds.drain.per_s is None and "fifth" not in engine.sequences
+    while engine.has_unfinished():
+        engine.step()
+    assert_pool_idle(engine)
 
 
 def test_errors_pickle_with_their_fields():
@@ -161,7 +194,8 @@ def test_the_running_bound_moves_with_measured_tpot_and_limits_admission():
 
 
 async def test_async_callers_get_overload_and_timeout_errors():
-    engine = AsyncLLMEngine(EngineConfig(max_num_seqs=1, max_queued_requests=1, queue_timeout_s=0.3, **TINY))
+    engine = AsyncLLMEngine(EngineConfig(max_num_seqs=1, max_queued_requests=1, queue_timeout_s=0.3,
+                                         max_queue_wait_s=None, **TINY))
     try:
         runs = engine.generate("runs", ids(1, 8), greedy(1500))
         first = await runs.__anext__()  # running: the only slot is taken

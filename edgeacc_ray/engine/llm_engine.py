@@ -23,6 +23,7 @@ from edgeacc_ray.engine.sampler import sample
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.admission import AdmissionPolicy
 from edgeacc_ray.engine.queue_bounds import QueueBounds
+from edgeacc_ray.engine.start_forecast import BatchForecast, StepTime
 from edgeacc_ray.engine.running_bound import RunningBound
 from edgeacc_ray.engine.scheduler import Scheduler
 from edgeacc_ray.engine.sequence import Sequence, SequenceStatus
@@ -116,6 +117,7 @@ class LLMEngine:
                                     config.new_token_ratio_init, config.new_token_ratio_min,
                                     config.reservation_clip_tokens)
         self.queue_bounds = QueueBounds(config.max_queued_requests, config.max_queue_wait_s, config.queue_timeout_s)
+        self.step_time = StepTime(config.tpot_slo_ms)  # for the queue's forecast
         self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens,
                                    remote_prefill=semi_pd is not None, tier=self.tier)
         self.eos_token_ids = self._eos_token_ids()
@@ -143,14 +145,15 @@ class LLMEngine:
         if request_id in self.sequences:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
+        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
         try:
-            self.queue_bounds.check_arrival(len(self.scheduler.waiting))
+            self.queue_bounds.check_arrival(len(self.scheduler.waiting),
+                                            BatchForecast(self.scheduler, self.step_time, seq))
         except EngineOverloaded:
             self.counters["rejected"] += 1
             raise
         if params.structured is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured)
-        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
         seq.matcher, seq.eos_token_ids = matcher, frozenset(self.eos_token_ids)
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
                                                  params.skip_special_tokens)
@@ -256,6 +259,7 @@ class LLMEngine:
         """TPOT (time since the previous decode step) for the running bound and Semi-PD's split."""
         if self._last_decode_at is not None:
             tpot = now - self._last_decode_at
+            self.step_time.observe(tpot)
             active = len(self.scheduler.running) + len(self.scheduler.prefilling)
             self.running_bound.observe(now, tpot, active)
             if self.split is not None:

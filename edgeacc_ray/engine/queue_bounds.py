@@ -1,20 +1,28 @@
 """Early, honest overload answers: a request is refused when it arrives if `max_queued_requests`
-already wait, or if the wait ahead of it at the measured drain rate is longer than `max_queue_wait_s`;
-a request still waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry:
-the time the requests waiting now need to start at the drain rate, so a retry does not jump ahead of
-them and finds room.
+already wait, or if its predicted wait to start is longer than `max_queue_wait_s`; a request still
+waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry: the time the
+requests waiting now need to start at the measured drain rate, so a retry does not jump ahead of them
+and finds room.
+
+The predicted wait comes from the batch as it stands (start_forecast.py): a burst arrives faster than
+any rate can be measured, and a rate measured while prompts were prefilling says little about the
+next seconds. Without a forecast (unit use), it is the wait at the drain rate.
 
 The drain rate is requests started per second while some request waited: an EWMA of samples over
 `DRAIN_WINDOW_S` of such time (idle time says nothing about how fast the queue empties). Until the
-first sample, only the count bound applies and Retry-After is `MIN_RETRY_AFTER_S`.
+first sample, Retry-After comes from the forecast too (or is `MIN_RETRY_AFTER_S` without one).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from edgeacc_ray.engine.errors import EngineOverloaded, QueueTimeout
 from edgeacc_ray.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from edgeacc_ray.engine.start_forecast import BatchForecast
 
 DRAIN_WINDOW_S = 1.0
 DRAIN_EWMA = 0.3
@@ -55,17 +63,22 @@ class QueueBounds:
         self.timeout_s = timeout_s
         self.drain = DrainRate()
 
-    def check_arrival(self, num_waiting: int) -> None:
+    def check_arrival(self, num_waiting: int, forecast: BatchForecast | None = None) -> None:
         """Raise EngineOverloaded if one more request may not wait behind `num_waiting`."""
         if 0 <= self.max_queued <= num_waiting:
             raise EngineOverloaded(f"the server is at capacity: {num_waiting} requests are waiting to start "
-                                   f"(max_queued_requests={self.max_queued})", self.retry_after_s(num_waiting),
-                                   "queue_full")
-        wait = self.drain.seconds_for(num_waiting + 1)
-        if self.max_wait_s is not None and wait is not None and wait > self.max_wait_s:
+                                   f"(max_queued_requests={self.max_queued})",
+                                   self.retry_after_s(num_waiting, forecast), "queue_full")
+        if self.max_wait_s is None:
+            return
+        if forecast is not None:
+            wait: float | None = forecast.wait_s(horizon_s=self.max_wait_s)
+        else:
+            wait = self.drain.seconds_for(num_waiting + 1)
+        if wait is not None and wait > self.max_wait_s:
             raise EngineOverloaded(f"the server is at capacity: a new request would wait more than "
                                    f"max_queue_wait_s={self.max_wait_s:g} s to start",
-                                   self.retry_after_s(num_waiting), "queue_wait_too_long")
+                                   self.retry_after_s(num_waiting, forecast), "queue_wait_too_long")
 
     def expired(self, waiting: Iterable[Sequence], now: float) -> list[Sequence]:
         """The waiting sequences that arrived more than the timeout ago and never started (a retracted
@@ -79,9 +92,12 @@ class QueueBounds:
         return QueueTimeout(f"the request waited more than queue_timeout_s={self.timeout_s:g} s to start; "
                             "the server is overloaded", self.retry_after_s(num_waiting), "queue_timeout")
 
-    def retry_after_s(self, num_waiting: int) -> int:
-        """Seconds until the `num_waiting` requests waiting now have started, at the drain rate."""
+    def retry_after_s(self, num_waiting: int, forecast: BatchForecast | None = None) -> int:
+        """Seconds until the `num_waiting` requests waiting now have started, at the drain rate (or as
+        the batch forecasts, before a rate is measured)."""
         wait = self.drain.seconds_for(num_waiting)
+        if wait is None and forecast is not None:
+            wait = forecast.queue_s()
         if wait is None:
             return MIN_RETRY_AFTER_S
         return max(MIN_RETRY_AFTER_S, math.ceil(min(wait, MAX_RETRY_AFTER_S)))
