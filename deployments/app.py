@@ -71,6 +71,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
         max_queued_requests=cfg.ingress_max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=PROXY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": 0},
+        logging_config={"enable_access_log": cfg.access_log},
         **cfg.ingress_replicas.serve_options(),
     ).bind(config, engine, model_path)
 

@@ -97,6 +97,8 @@ class ServeConfig(EngineSettings):
     ingress_max_queued_requests: int = Field(
         1024, ge=-1, description="HTTP requests the proxy holds while every Ingress replica is full; one more gets "
         "429 + Retry-After before it reaches a replica (-1: unbounded)")
+    access_log: bool = Field(True, description="Serve's access log line for every HTTP request (the engine "
+                             "deployments never log their internal calls)")
     request_router: Literal["cache_aware", "least_loaded"] = Field(
         "cache_aware", description="how new requests pick an engine replica: the one holding the longest prefix of "
         "the prompt unless it is router_imbalance requests busier than the least loaded, or always the least loaded")
