@@ -58,9 +58,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
         require_sglang()
         engine = bind_sglang_engine(cfg, model_path, serve_options)
     elif cfg.pd_mode == "semi_pd":
-        # As many PrefillServers as DecodeServers (fixed: the config refuses autoscaled pairs); a prefill
-        # replica maps whichever decode segment a batch names.
-        prefill = PrefillServer.options(ray_actor_options=actor_options,
+        # As many PrefillServers as DecodeServers (fixed: the config refuses autoscaled pairs); each decode
+        # replica claims one prefill replica and pins its batches there (deployments/prefill_server.py).
+        prefill = PrefillServer.options(ray_actor_options=actor_options, request_router_config=engine_router(cfg),
                                         num_replicas=cfg.engine_replicas.min_replicas).bind(config)
         engine = DecodeServer.options(ray_actor_options=actor_options, **serve_options).bind(config, prefill)
     else:

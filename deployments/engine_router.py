@@ -88,6 +88,13 @@ class EngineRouter(RequestRouter):
             if self.affinity is not None:
                 self.affinity.forget(replica)
 
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        """Serve saw the actor die: callers pinned to it must see it gone now (a call pinned to a replica
+        the router no longer lists would wait for it), not at the controller's next update."""
+        super().on_replica_actor_died(replica_id)
+        dep = self._deployment_id
+        registry.drop(dep.app_name, dep.name, replica_id.unique_id)
+
     # ---- load ----
     def load(self, replica: RunningReplica) -> int:
         """Requests the replica holds, as of its last report, plus those sent to it since."""

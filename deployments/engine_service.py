@@ -77,7 +77,7 @@ class MisroutedCall(RuntimeError):
     chunks sent to a stream on the wrong replica would be lost."""
 
 
-def _own_replica_id() -> str | None:
+def own_replica_id() -> str | None:
     """This replica's unique id (what `EngineRouter` pins calls with), or None outside Ray Serve."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
@@ -137,7 +137,7 @@ class EngineService:
         self.engine = self.make_engine(cfg, prefill_executor)
         self._callers: dict[str, _Caller] = {}
         self._reaper: asyncio.Task | None = None
-        self.replica_id = _own_replica_id()
+        self.replica_id = own_replica_id()
         self._routing_seq = 0
         logger.info("%s ready: %s", type(self).__name__, self.engine.model_info)
 

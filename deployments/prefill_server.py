@@ -3,6 +3,10 @@
 It holds no weights and no pool of its own: each batch names the decode replica's shared segment,
 which the worker maps on first sight (again after the decode replica was replaced). On CPU its cores
 follow the split the decode side publishes; Ray books it `num_cpus: 0` like every deployment here.
+
+With several pairs, each prefill replica serves one decode replica: the decode side claims a replica
+(`claim`, refused while another live decode process holds it) and pins every batch to it, so a prefill
+process maps one segment and follows one split instead of remapping between pools.
 """
 from __future__ import annotations
 
@@ -12,11 +16,25 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine_service import ENGINE_REPLICA_OPTIONS, restore_priority
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, MisroutedCall, own_replica_id, restore_priority
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.platform import configure_cpu
-from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult
+from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
+from edgeacc_ray.engine.shared_arena import process_alive
 from edgeacc_ray.engine.prefill_worker import PrefillWorker
+
+
+class PairClaim:
+    """Which decode process a prefill replica serves: the first to claim it, until that process is gone
+    (same node: the pair shares memory, so its pid can be checked here)."""
+
+    def __init__(self) -> None:
+        self.decode_pid: int | None = None
+
+    def take(self, decode_pid: int) -> None:
+        if self.decode_pid not in (None, decode_pid) and process_alive(self.decode_pid):
+            raise PrefillReplicaTaken(f"this prefill replica serves decode pid {self.decode_pid}")
+        self.decode_pid = decode_pid
 
 
 @serve.deployment(name="PrefillServer", max_ongoing_requests=16, **ENGINE_REPLICA_OPTIONS)
@@ -28,8 +46,17 @@ class PrefillServer:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeacc-prefill")
         self._compute.submit(configure_cpu, 1).result()
         self.worker = PrefillWorker(cfg.max_num_batched_tokens)
+        self.replica_id = own_replica_id()
+        self.pair = PairClaim()
 
-    async def prefill(self, batch: PrefillBatch) -> PrefillBatchResult:
+    def claim(self, decode_pid: int) -> str:
+        """Serve the decode process `decode_pid` from now on; returns this replica's id to pin batches with."""
+        self.pair.take(decode_pid)
+        return self.replica_id
+
+    async def prefill(self, batch: PrefillBatch, replica: str | None = None) -> PrefillBatchResult:
+        if replica is not None and replica != self.replica_id:
+            raise MisroutedCall(f"a batch for prefill replica {replica} reached replica {self.replica_id}")
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.run, batch)
 
     def __del__(self):

@@ -25,3 +25,18 @@ def known_replicas(app_name: str, deployment_name: str) -> list[str]:
     """Unique ids of a deployment's running replicas, as this process's routers last saw them."""
     with _lock:
         return sorted(_replicas.get((app_name, deployment_name), ()))
+
+
+def drop(app_name: str, deployment_name: str, replica_id: str) -> None:
+    """Forget a replica whose actor died, before the controller's next update says so."""
+    with _lock:
+        key = (app_name, deployment_name)
+        _replicas[key] = _replicas.get(key, frozenset()) - {replica_id}
+
+
+def gone(app_name: str, deployment_name: str, replica_id: str) -> bool:
+    """Has a router of this process listed the deployment's replicas, without this one? (False before
+    any router has seen the deployment: nothing is known yet.)"""
+    with _lock:
+        replicas = _replicas.get((app_name, deployment_name))
+    return replicas is not None and replica_id not in replicas

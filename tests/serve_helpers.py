@@ -29,8 +29,8 @@ def local_app(cfg: ServeConfig, **client_kw) -> Iterator[TestClient]:
         engine.shutdown()
 
 
-def replica_pid(app: str, deployment: str) -> int:
-    """The replica's process, found by the title Ray gives it (`ray::ServeReplica:APP:DEPLOYMENT`)."""
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """The replicas' processes, found by the title Ray gives them (`ray::ServeReplica:APP:DEPLOYMENT`)."""
     title = f"ServeReplica:{app}:{deployment}".encode()
     pids = []
     for entry in os.listdir("/proc"):
@@ -40,6 +40,12 @@ def replica_pid(app: str, deployment: str) -> int:
                     pids.append(int(entry))
         except (OSError, ValueError):
             continue
+    return pids
+
+
+def replica_pid(app: str, deployment: str) -> int:
+    """The process of a deployment's only replica."""
+    pids = replica_pids(app, deployment)
     assert len(pids) == 1, pids
     return pids[0]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -13,8 +14,9 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import record_stream, replica_pid, serve_app, wait_serving
+from serve_helpers import record_stream, replica_pid, replica_pids, serve_app, wait_serving
 
+from edgeacc_ray.engine.prefill_messages import PrefillReplicaTaken
 from edgeacc_ray.engine.sampling_params import SamplingParams
 from edgeacc_ray.engine.shared_arena import PREFIX, SHM_DIR
 from edgeacc_ray.llm import LLM
@@ -114,3 +116,52 @@ def test_killed_decode_server_gives_clean_errors_and_leaves_no_segment(url):
     wait_serving(url, 180)
     new = internal(url)["semi_pd_split"]["storage"]
     assert new != old and old not in segments() and new in segments()
+
+
+def test_a_prefill_replica_serves_one_live_decode_process():
+    from deployments.prefill_server import PairClaim
+
+    pair = PairClaim()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    pair.take(gone.pid)
+    pair.take(os.getpid())  # its decode process is dead: taken over
+    pair.take(os.getpid())  # the same decode process again
+    with pytest.raises(PrefillReplicaTaken):
+        pair.take(os.getppid())  # another live process
+    assert pair.decode_pid == os.getpid()
+
+
+def test_two_pairs_each_prefill_replica_maps_its_own_decode_segment(serve_http_url):
+    """engine_replicas: 2 -> two DecodeServers, two PrefillServers; each decode replica claims one prefill
+    replica and pins its batches there, so each prefill process maps exactly one segment, its own pair's."""
+    from ray import serve
+
+    app = "edgeacc_spd_pairs"
+    url = serve_app({**ARGS, "engine_replicas": 2}, app, serve_http_url, "/spd_pairs")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with LLM("tiny", dtype="float32") as llm:
+            expected = llm.generate(IDS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        results: list = [None] * 8
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.completions.create(
+            model="tiny", prompt=IDS, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})))
+            for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        for got in results:  # both pairs serve, and every answer is the colocated engine's
+            assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [e.text for e in expected]
+        decode_segments = {pid: _mapped_segments(pid) for pid in replica_pids(app, "DecodeServer")}
+        prefill_segments = [_mapped_segments(pid) for pid in replica_pids(app, "PrefillServer")]
+        assert len(decode_segments) == len(prefill_segments) == 2
+        assert all(len(names) == 1 for names in [*decode_segments.values(), *prefill_segments])
+        assert set().union(*prefill_segments) == set().union(*decode_segments.values())  # one prefill per pair
+    finally:
+        serve.delete(app)
+
+
+def _mapped_segments(pid: int) -> set[str]:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.rsplit("/", 1)[-1].strip() for line in f if f"{PREFIX}-" in line}

@@ -53,6 +53,10 @@ class PrefillFailed(EngineUnavailable):
     """The prefill side could not run a batch (its process died or refused it); the requests fail."""
 
 
+class PrefillReplicaTaken(RuntimeError):
+    """A prefill replica asked to pair with a decode replica already serves another live one."""
+
+
 @dataclass(frozen=True)
 class StorageProbe:
     """How the prefill process sees the shared storage (checks and diagnostics: the same memory as the

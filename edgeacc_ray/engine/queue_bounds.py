@@ -1,16 +1,16 @@
 """Early, honest overload answers: a request is refused when it arrives if `max_queued_requests`
-already wait, or if its predicted wait to start is longer than `max_queue_wait_s`; a request still
-waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry: the time the
-requests waiting now need to start at the measured drain rate, so a retry does not jump ahead of them
-and finds room.
-
-The predicted wait comes from the batch as it stands (start_forecast.py): a burst arrives faster than
-any rate can be measured, and a rate measured while prompts were prefilling says little about the
-next seconds. Without a forecast (unit use), it is the wait at the drain rate.
+already wait, or if the wait ahead of it at the measured drain rate is longer than `max_queue_wait_s`;
+a request still waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry:
+the time the requests waiting now need to start at the drain rate, so a retry does not jump ahead of
+them and finds room.
 
 The drain rate is requests started per second while some request waited: an EWMA of samples over
-`DRAIN_WINDOW_S` of such time (idle time says nothing about how fast the queue empties). Until the
-first sample, Retry-After comes from the forecast too (or is `MIN_RETRY_AFTER_S` without one).
+`DRAIN_WINDOW_S` of such time (idle time says nothing about how fast the queue empties). A burst
+arrives faster than that first sample, so until it exists the wait and Retry-After come from the
+batch's forecast (start_forecast.py); without one, only the count bound applies and Retry-After is
+`MIN_RETRY_AFTER_S`. The forecast is not used once a rate is measured: it counts every expected
+token at the measured time per step, and on a box where prompts stall decoding (Semi-PD sharing two
+cores) that time per step overstates the wait several times over.
 """
 from __future__ import annotations
 
@@ -71,10 +71,9 @@ class QueueBounds:
                                    self.retry_after_s(num_waiting, forecast), "queue_full")
         if self.max_wait_s is None:
             return
-        if forecast is not None:
-            wait: float | None = forecast.wait_s(horizon_s=self.max_wait_s)
-        else:
-            wait = self.drain.seconds_for(num_waiting + 1)
+        wait = self.drain.seconds_for(num_waiting + 1)
+        if wait is None and forecast is not None:
+            wait = forecast.wait_s(horizon_s=self.max_wait_s)
         if wait is not None and wait > self.max_wait_s:
             raise EngineOverloaded(f"the server is at capacity: a new request would wait more than "
                                    f"max_queue_wait_s={self.max_wait_s:g} s to start",

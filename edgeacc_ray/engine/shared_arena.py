@@ -116,7 +116,7 @@ def sweep_stale_segments() -> list[str]:
             pid = int(path.name.split("-")[2])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             try:
                 path.unlink()
                 removed.append(str(path))
@@ -125,7 +125,8 @@ def sweep_stale_segments() -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Does process `pid` exist on this node?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
