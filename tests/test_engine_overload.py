@@ -118,6 +118,24 @@ def test_a_burst_is_refused_at_the_forecast_before_any_rate_is_measured():
     assert_pool_idle(engine)
 
 
+def test_a_request_that_can_start_now_is_admitted_whatever_the_drain_rate():
+    """A slow measured rate (long outputs) says the next waiter waits 2 s, beyond max_queue_wait_s; a
+    request arriving at an engine with free slots and pages starts at once, so it is admitted."""
+    engine = LLMEngine(EngineConfig(max_num_seqs=2, max_queued_requests=-1, max_queue_wait_s=1.0,
+                                    new_token_ratio_init=1.0, **TINY))
+    engine.queue_bounds.drain = drained(per_s=0.5)
+    engine.step_time.seconds = 0.1
+    engine.add_request("r0", ids(0, 6), greedy(10))
+    engine.add_request("r1", ids(1, 6), greedy(10))  # the second slot
+    engine.add_request("r2", ids(2, 6), greedy(10))  # waits 1 s as forecast: the shorter estimate
+    engine.add_request("r3", ids(3, 6), greedy(10))
+    with pytest.raises(EngineOverloaded):
+        engine.add_request("r4", ids(4, 6), greedy(10))  # both say longer than 1 s (forecast: 2 s)
+    while engine.has_unfinished():
+        engine.step()
+    assert_pool_idle(engine)
+
+
 def test_errors_pickle_with_their_fields():
     for error in (EngineOverloaded("full", 7, "queue_full"), QueueTimeout("late", 3, "queue_timeout"),
                   EngineUnavailable("restarting")):

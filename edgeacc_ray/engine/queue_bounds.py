@@ -1,16 +1,16 @@
 """Early, honest overload answers: a request is refused when it arrives if `max_queued_requests`
-already wait, or if the wait ahead of it at the measured drain rate is longer than `max_queue_wait_s`;
-a request still waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry:
-the time the requests waiting now need to start at the drain rate, so a retry does not jump ahead of
-them and finds room.
+already wait, or if its wait to start would be longer than `max_queue_wait_s`; a request still
+waiting to start after `queue_timeout_s` is dropped. Both answers say when to retry: the time the
+requests waiting now need to start at the measured drain rate, so a retry does not jump ahead of them
+and finds room.
 
 The drain rate is requests started per second while some request waited: an EWMA of samples over
-`DRAIN_WINDOW_S` of such time (idle time says nothing about how fast the queue empties). A burst
-arrives faster than that first sample, so until it exists the wait and Retry-After come from the
-batch's forecast (start_forecast.py); without one, only the count bound applies and Retry-After is
-`MIN_RETRY_AFTER_S`. The forecast is not used once a rate is measured: it counts every expected
-token at the measured time per step, and on a box where prompts stall decoding (Semi-PD sharing two
-cores) that time per step overstates the wait several times over.
+`DRAIN_WINDOW_S` of such time (idle time says nothing about how fast the queue empties). The wait is
+the shorter of two estimates: the queue ahead at that rate, and the batch's forecast
+(start_forecast.py). The forecast alone covers a burst, which arrives before the first rate sample, and
+a request that can start now (a free slot and room for its pages) whatever the rate says; the rate
+corrects a forecast that overstates, as it does where prompts stall decoding (Semi-PD on two cores).
+Without either, only the count bound applies and Retry-After is `MIN_RETRY_AFTER_S`.
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ class QueueBounds:
         if self.max_wait_s is None:
             return
         wait = self.drain.seconds_for(num_waiting + 1)
-        if wait is None and forecast is not None:
-            wait = forecast.wait_s(horizon_s=self.max_wait_s)
+        if forecast is not None:
+            predicted = forecast.wait_s(horizon_s=self.max_wait_s)
+            wait = predicted if wait is None else min(wait, predicted)
         if wait is not None and wait > self.max_wait_s:
             raise EngineOverloaded(f"the server is at capacity: a new request would wait more than "
                                    f"max_queue_wait_s={self.max_wait_s:g} s to start",
