@@ -77,6 +77,12 @@ class MisroutedCall(RuntimeError):
     chunks sent to a stream on the wrong replica would be lost."""
 
 
+def check_pin(pinned: str | None, own: str | None) -> None:
+    """Refuse a call pinned (`replica=`) to another replica than this one."""
+    if pinned is not None and pinned != own:
+        raise MisroutedCall(f"a call for replica {pinned} reached replica {own}")
+
+
 def own_replica_id() -> str | None:
     """This replica's unique id (what `EngineRouter` pins calls with), or None outside Ray Serve."""
     from ray import serve
@@ -155,13 +161,10 @@ class EngineService:
             self._reaper = asyncio.ensure_future(self._reap())
         return caller
 
-    def _check_pin(self, replica: str | None) -> None:
-        if replica is not None and replica != self.replica_id:
-            raise MisroutedCall(f"a call for replica {replica} reached replica {self.replica_id}")
 
     async def keepalive(self, caller_id: str, replica: str | None = None) -> None:
         """Renew the caller's lease."""
-        self._check_pin(replica)
+        check_pin(replica, self.replica_id)
         self._caller(caller_id)
 
     async def _reap(self) -> None:
@@ -220,7 +223,7 @@ class EngineService:
     async def subscribe(self, caller_id: str, replica: str | None = None) -> AsyncIterator[list[tuple[str, Any]]]:
         """The caller's stream: lists of (request_id, RequestOutput | error), as they come. When the
         caller goes away (this generator is cancelled, or its lease runs out), its requests are aborted."""
-        self._check_pin(replica)
+        check_pin(replica, self.replica_id)
         caller = self._caller(caller_id)
         try:
             yield []  # subscribed
@@ -233,7 +236,7 @@ class EngineService:
 
     async def abort(self, caller_id: str, request_ids: list[str], replica: str | None = None) -> int:
         """Abort submitted requests (their client went away); how many were still running."""
-        self._check_pin(replica)
+        check_pin(replica, self.replica_id)
         caller = self._callers.get(caller_id)
         if caller is None:
             return 0
@@ -247,11 +250,11 @@ class EngineService:
         return dict(self.engine.model_info)
 
     def stats(self, replica: str | None = None) -> EngineStats:
-        self._check_pin(replica)
+        check_pin(replica, self.replica_id)
         return self.engine.stats()
 
     def flush_cache(self, replica: str | None = None) -> None:
-        self._check_pin(replica)
+        check_pin(replica, self.replica_id)
         self.engine.flush_cache()
 
     # ---- what Ray Serve asks every replica for (the router's load, the autoscaler's signals) ----

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine_service import ENGINE_REPLICA_OPTIONS, MisroutedCall, own_replica_id, restore_priority
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, check_pin, own_replica_id, restore_priority
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.platform import configure_cpu
 from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
@@ -55,8 +55,7 @@ class PrefillServer:
         return self.replica_id
 
     async def prefill(self, batch: PrefillBatch, replica: str | None = None) -> PrefillBatchResult:
-        if replica is not None and replica != self.replica_id:
-            raise MisroutedCall(f"a batch for prefill replica {replica} reached replica {self.replica_id}")
+        check_pin(replica, self.replica_id)
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.run, batch)
 
     def __del__(self):

@@ -72,7 +72,7 @@ class QueueBounds:
         if self.max_wait_s is None:
             return
         wait = self.drain.seconds_for(num_waiting + 1)
-        if forecast is not None:
+        if forecast is not None and (wait is None or wait > self.max_wait_s):  # else the shorter fits anyway
             predicted = forecast.wait_s(horizon_s=self.max_wait_s)
             wait = predicted if wait is None else min(wait, predicted)
         if wait is not None and wait > self.max_wait_s:

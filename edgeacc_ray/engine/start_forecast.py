@@ -1,9 +1,9 @@
-"""When would a new request start? A forecast from the batch as it stands, for the queue's wait bound
-before a drain rate has been measured.
+"""When would a new request start? A forecast from the batch as it stands, one of the queue's two wait
+estimates (queue_bounds.py takes the shorter of it and the drain rate's).
 
 The drain rate (queue_bounds.DrainRate) needs a second of waiting before its first sample, and a burst
 fills the queue within that second: at 2,048 clients the queue took a thousand requests that then
-waited a minute. The forecast needs no history: each admitted request frees its slot and its reserved
+waited a minute. Nor does a rate see a free slot. The forecast needs no history: each admitted request frees its slot and its reserved
 pages when its expected output is done (the admission policy's expected tokens x the measured time per
 decode step), and the waiting requests take them in order, each when a slot and its reservation are
 free. The new request's start is when its turn comes. Expected outputs follow the learned new-token
