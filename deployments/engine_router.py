@@ -9,7 +9,9 @@ Two jobs:
 - **Cache-aware placement** of new requests (`submit`, `generate`): the replica that most recently took
   the longest prefix of the prompt, in the prefix cache's own page keys, gets it while its load stays
   within `imbalance` requests of the least-loaded replica; otherwise the least-loaded replica does
-  (SGLang's cache-aware router does the same with a radix tree per worker).
+  (SGLang's cache-aware router does the same with a radix tree per worker). Serve skips a replica whose
+  queue-length probe misses its deadline (0.1 s at first, doubling per attempt), which a busy 2-core box
+  does now and then; so the first `AFFINE_ATTEMPTS` attempts offer only that replica, and the rest after.
 
 Load is what each engine reports through `record_routing_stats` (running + waiting + prefilling +
 loading), plus the requests this router sent it since that report: Serve's own queue length counts
@@ -28,6 +30,7 @@ from edgeacc_ray.engine.block_manager import page_key
 
 PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
 MAX_UNROUTED = 4096
+AFFINE_ATTEMPTS = 3  # routing attempts that offer only the prefix's replica before the others may take it
 PLACED_METHODS = frozenset({"submit", "generate"})  # calls that start a request: (caller, request_id, prompt, ...)
 
 class PrefixAffinity:
@@ -76,6 +79,7 @@ class EngineRouter(RequestRouter):
         self._sent: dict[str, int] = {}  # requests sent per replica since its last routing-stats report
         self._report_seq: dict[str, int] = {}
         self._keys: OrderedDict[str, list[bytes]] = OrderedDict()  # request id -> its prompt's keys, until routed
+        self._attempts: dict[str, int] = {}  # request id -> routing attempts so far, until routed
 
     # ---- replica set ----
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -118,9 +122,13 @@ class EngineRouter(RequestRouter):
             return [[r for r in candidate_replicas if r.replica_id.unique_id == pin]]
         by_load = sorted(candidate_replicas, key=lambda r: (self.load(r), random.random()))
         preferred = self._affine(by_load, pending_request)
-        if preferred is not None:
-            return [[preferred], [r for r in by_load if r is not preferred]]
-        return [[r] for r in by_load]
+        if preferred is None:
+            return [[r] for r in by_load]
+        request_id = pending_request.metadata.internal_request_id
+        attempt = self._attempts[request_id] = self._attempts.get(request_id, 0) + 1
+        if attempt <= AFFINE_ATTEMPTS:
+            return [[preferred]]
+        return [[preferred], [r for r in by_load if r is not preferred]]
 
     def _affine(self, by_load: list[RunningReplica], pending: PendingRequest | None) -> RunningReplica | None:
         """The replica holding the longest prefix of a new request's prompt, if it is not overloaded."""
@@ -131,7 +139,7 @@ class EngineRouter(RequestRouter):
         keys = self.affinity.keys(pending.args[2])
         self._keys[pending.metadata.internal_request_id] = keys
         while len(self._keys) > MAX_UNROUTED:  # requests cancelled before they were routed
-            self._keys.popitem(last=False)
+            self._attempts.pop(self._keys.popitem(last=False)[0], None)
         alive = {r.replica_id.unique_id: r for r in by_load}
         owner, _ = self.affinity.longest_owner(keys, set(alive))
         if owner is None:
@@ -144,6 +152,7 @@ class EngineRouter(RequestRouter):
             return
         rid = replica_id.unique_id
         self._sent[rid] = self._sent.get(rid, 0) + 1
+        self._attempts.pop(pending_request.metadata.internal_request_id, None)
         keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
         if keys and self.affinity is not None:
             self.affinity.record(keys, rid)

@@ -3,14 +3,16 @@ stream, lease and aborts to the replica that runs its requests, places new reque
 within a load bound, and the autoscaling policy scales replicas on waiting requests, KV and TTFT."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from deployments.autoscaling_policy import EngineScalingPolicy, autoscaling_signals
-from deployments.engine_router import PrefixAffinity
+from deployments.engine_router import AFFINE_ATTEMPTS, EngineRouter, PrefixAffinity
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.block_manager import page_key
 from edgeacc_ray.engine.combined_stats import combine_stats
@@ -42,6 +44,37 @@ def test_prefix_affinity_stays_within_its_capacity():
         affinity.record(affinity.keys([i, i, i, i]), f"r{i}")
     assert affinity.longest_owner(affinity.keys([9, 9, 9, 9]), {"r9"}) == ("r9", 2)
     assert affinity.longest_owner(affinity.keys([0, 0, 0, 0]), {"r0"}) == (None, 0)  # evicted, oldest first
+
+
+def test_the_router_waits_a_few_attempts_for_the_replica_that_holds_the_prefix():
+    """A replica whose queue-length probe is slow is skipped by Serve for that attempt; the prefix's owner is
+    offered alone for the first attempts, then with the rest behind it."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    router = EngineRouter(DeploymentID(name="EngineServer", app_name="routing_unit"), DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(page_size=4)
+    owner, other = (SimpleNamespace(replica_id=SimpleNamespace(unique_id=u), routing_stats={"load": 0, "seq": 1})
+                    for u in ("owner", "other"))
+    prompt = list(range(12))
+    router.affinity.record(router.affinity.keys(prompt), "owner")
+
+    def pending(request_id: str, tokens: list[int]) -> PendingRequest:
+        return PendingRequest(args=["caller", request_id, tokens], kwargs={},
+                              metadata=RequestMetadata(request_id=request_id, internal_request_id=request_id,
+                                                       call_method="submit"))
+
+    async def route() -> None:  # a PendingRequest needs a running loop
+        request = pending("r1", prompt + [99])
+        ranks = [await router.choose_replicas([other, owner], request) for _ in range(AFFINE_ATTEMPTS + 1)]
+        assert all(r == [[owner]] for r in ranks[:AFFINE_ATTEMPTS]), ranks
+        assert ranks[-1] == [[owner], [other]]
+        router.on_request_routed(request, owner.replica_id, None)
+        assert router._attempts == {} and router._keys == {}
+        # A prompt nobody holds is ranked by load at once.
+        assert len(await router.choose_replicas([other, owner], pending("r2", [50] * 12))) == 2
+
+    asyncio.run(route())
 
 
 def _stats(**kw) -> EngineStats:
