@@ -3,7 +3,7 @@ there is headroom and the bound held requests back, never outside [1, max_num_se
 synthetic measurements (it is a unit)."""
 from __future__ import annotations
 
-from edgeacc_ray.engine.running_bound import MIN_SAMPLES, RunningBound
+from edgeacc_ray.engine.running_bound import MIN_SAMPLES, STALE_WINDOWS, RunningBound
 
 
 def window(bound: RunningBound, start: float, tpot_ms: float, batch: int, held_back: bool = False) -> float:
@@ -47,16 +47,26 @@ def test_the_bound_never_drops_below_one():
     assert bound.value == 1
 
 
-def test_a_window_with_few_samples_moves_nothing():
+def test_slow_decode_keeps_the_window_open_until_it_has_enough_samples():
+    """At 300 ms per token a 1 s window holds 3 samples; the bound must still see the miss."""
+    bound = RunningBound(max_num_seqs=256, tpot_slo_ms=100.0)
+    bound.observe(0.0, 0.3, 64)
+    for k in range(1, MIN_SAMPLES - 1):
+        bound.observe(0.3 * k, 0.3, 64)
+    assert bound.value == 256  # 1.8 s, MIN_SAMPLES - 1 samples: still open
+    bound.observe(0.3 * (MIN_SAMPLES - 1), 0.3, 64)
+    assert bound.value == 56 and bound.last_tpot_p90_ms == 300.0  # 64 less 1/8
+
+
+def test_a_window_that_stays_short_of_samples_is_dropped():
     bound = RunningBound(max_num_seqs=16, tpot_slo_ms=10.0)
-    for i in range(MIN_SAMPLES - 1):
+    for i in range(MIN_SAMPLES - 2):
         bound.observe(i * 0.1, 1.0, 16)
-    bound.observe(1.0, 1.0, 16)  # closes a window of MIN_SAMPLES samples ...
-    assert bound.value == 14
-    for i in range(1, MIN_SAMPLES - 1):
-        bound.observe(1.0 + i * 0.1, 1.0, 14)
-    bound.observe(2.0, 1.0, 14)  # ... and one of a sample fewer
-    assert bound.value == 14
+    bound.observe(STALE_WINDOWS * bound.window_s, 1.0, 16)  # one short and stale: dropped, not acted on
+    assert bound.value == 16
+    for i in range(1, MIN_SAMPLES + 1):
+        bound.observe(STALE_WINDOWS * bound.window_s + i * 0.2, 1.0, 16)
+    assert bound.value == 14  # the next window starts afresh and acts once it is full
 
 
 def test_without_a_target_the_bound_is_max_num_seqs():

@@ -8,7 +8,7 @@ import os
 import torch
 
 from edgeacc_ray.engine.core_split import ControlBlock, CoreSplit, CoreSplitFollower
-from edgeacc_ray.engine.split_controller import SplitController
+from edgeacc_ray.engine.split_controller import MIN_SAMPLES, STALE_WINDOWS, SplitController
 
 
 def controller(cores=(0, 1, 2, 3), **kw) -> SplitController:
@@ -59,6 +59,28 @@ def test_a_window_with_both_targets_met_or_too_few_samples_does_not_move():
     c.observe_ttft(9.0)  # one bad sample is not a trend
     c.decide(3.0, True, True)
     assert c.base == 2
+
+
+def test_a_window_stays_open_until_both_kinds_of_sample_are_enough_then_moves():
+    """Slow prompts give few TTFT samples per window; the window waits for them rather than going blind."""
+    c = controller()
+    c.decide(0.0, True, True)
+    for i in range(MIN_SAMPLES - 1):
+        c.observe_ttft(2.0)
+        c.observe_tpot(0.01)
+        c.decide(0.5 * (i + 1), True, True)
+    assert c.base == 2  # 3.5 s, one TTFT sample short: open
+    c.observe_ttft(2.0)
+    c.observe_tpot(0.01)
+    c.decide(4.0, True, True)
+    assert c.base == 3 and c.last_ttft_p90_ms == 2000.0
+    c.observe_ttft(2.0)  # then a window that never fills is dropped after STALE_WINDOWS window lengths
+    c.decide(4.0 + STALE_WINDOWS * c.window_s, True, True)
+    for _ in range(MIN_SAMPLES - 1):
+        c.observe_ttft(2.0)
+        c.observe_tpot(0.01)
+    c.decide(5.0 + STALE_WINDOWS * c.window_s, True, True)
+    assert c.base == 3  # the dropped sample does not complete the new window
 
 
 def test_one_core_is_time_shared():

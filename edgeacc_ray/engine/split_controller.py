@@ -7,7 +7,9 @@
   cores it ran on, and a phase stops borrowing cores when it measurably computes no faster with them
   (on a small box the lent core is also the HTTP stack's, and an OpenMP thread that must share a core
   stalls the whole step: DESIGN §5). The verdict is forgotten every `probe_s`, so lending is tried again.
-- SLOs: every `window_s`, the p90 TTFT and TPOT of that window against `ttft_slo_ms` / `tpot_slo_ms`
+- SLOs: a window closes once it spans `window_s` and holds MIN_SAMPLES of both TTFT and TPOT (a
+  fixed-length window would hold too few exactly when they are slowest), or is dropped after
+  STALE_WINDOWS x `window_s` without them; its p90 TTFT and TPOT against `ttft_slo_ms` / `tpot_slo_ms`
   move the base share by one core, toward the phase that misses its target while the other has
   headroom (< 80% of its target); each phase always keeps at least one core (Semi-PD's floor).
 """
@@ -19,6 +21,7 @@ from edgeacc_ray.engine.core_split import CoreSplit
 
 HEADROOM = 0.8
 MIN_SAMPLES = 8
+STALE_WINDOWS = 10
 LEND_GAIN = 1.1  # borrowing must make a phase at least this much faster
 RATE_SAMPLES = 5  # observations of a core count before its rate is trusted
 _EWMA = 0.2
@@ -118,9 +121,11 @@ class SplitController:
     def _adjust_base(self, now: float) -> None:
         if self._window_start is None:
             self._window_start = now
-        if now - self._window_start < self.window_s:
+        span = now - self._window_start
+        enough = len(self._ttft) >= MIN_SAMPLES and len(self._tpot) >= MIN_SAMPLES
+        if span < self.window_s or (not enough and span < STALE_WINDOWS * self.window_s):
             return
-        if len(self._ttft) >= MIN_SAMPLES and len(self._tpot) >= MIN_SAMPLES:
+        if enough:
             ttft, tpot = p90(self._ttft), p90(self._tpot)
             self.last_ttft_p90_ms, self.last_tpot_p90_ms = ttft, tpot
             n = len(self.cores)
