@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any, AsyncIterator
 
@@ -26,7 +25,7 @@ from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
 from edgeacc_ray.engine.errors import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.platform import pin_process
+from edgeacc_ray.engine.platform import pin_process, restore_priority
 from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
 from edgeacc_ray.engine.sampling_params import SamplingParams
 
@@ -42,19 +41,6 @@ ENGINE_REPLICA_OPTIONS: dict[str, Any] = dict(
     # logging costs the box more than the calls.
     logging_config={"enable_access_log": False},
 )
-
-
-def restore_priority() -> None:
-    """Undo the niceness Ray gives worker processes (15 by default, `RAY_worker_niceness`) for this
-    thread and the engine thread it starts: the engine is the work this box exists for, and at nice 15
-    it loses its core to every other process (the HTTP proxy, a benchmark client). Needs the
-    privilege to lower niceness (root or CAP_SYS_NICE); without it the process keeps Ray's value."""
-    try:
-        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)  # Linux: this thread; threads started later inherit it
-    except OSError as exc:
-        logger.warning("this replica stays at Ray's worker niceness (%s); set RAY_worker_niceness=0 "
-                       "before `ray start`/`serve run` to avoid it", exc)
 
 
 # A caller (an Ingress replica's EngineClient) renews its lease every KEEPALIVE_INTERVAL_S; one that

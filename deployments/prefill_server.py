@@ -16,9 +16,9 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine_service import ENGINE_REPLICA_OPTIONS, check_pin, own_replica_id, restore_priority
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, check_pin, own_replica_id
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.platform import configure_cpu
+from edgeacc_ray.engine.platform import configure_cpu, restore_priority
 from edgeacc_ray.engine.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
 from edgeacc_ray.engine.shared_arena import process_alive
 from edgeacc_ray.engine.prefill_worker import PrefillWorker

@@ -26,9 +26,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService, restore_priority
+from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.errors import EngineUnavailable
+from edgeacc_ray.engine.platform import restore_priority
 from edgeacc_ray.engine.prefill_dispatcher import PrefillExecutor
 from edgeacc_ray.engine.tp_ranks import rank_bundle
 from edgeacc_ray.sglang_backend.engine import INSTALL_HINT, SGLangEngine

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -39,3 +40,18 @@ def use_cores(cores: list[int]) -> None:
     from the compute thread (OpenMP's thread count is per calling thread)."""
     pin_process(cores)
     torch.set_num_threads(len(cores))
+
+
+def restore_priority() -> None:
+    """Undo the niceness Ray gives worker processes (15 by default, `RAY_worker_niceness`) for this
+    thread and the threads it starts later (the engine's step loop, OpenMP's pool): the engine is the work
+    this box exists for, and at nice 15 it loses its core to every other process (the HTTP proxy, a
+    benchmark client). Call it first in a process, before torch starts threads. Needs the privilege to
+    lower niceness (root or CAP_SYS_NICE); without it the process keeps Ray's value."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # Linux: this thread; threads started later inherit it
+    except OSError as exc:
+        logging.getLogger("ray.serve").warning(
+            "this process stays at Ray's worker niceness (%s); set RAY_worker_niceness=0 before "
+            "`ray start`/`serve run` to avoid it", exc)

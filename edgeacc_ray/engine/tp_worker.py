@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from edgeacc_ray.engine.model_runner import ModelRunner
-from edgeacc_ray.engine.platform import configure_cpu
+from edgeacc_ray.engine.platform import configure_cpu, restore_priority
 from edgeacc_ray.engine.tp_group import TPGroup, connect_store
 from edgeacc_ray.engine.tp_messages import RankInfo, StepInputs, StepKind, WorkerSpec
 from edgeacc_ray.models.loader import load_model
@@ -18,6 +18,7 @@ class TPWorker:
     """Created by `TensorParallelRanks` (engine/tp_ranks.py) in its placement group."""
 
     def __init__(self, spec: WorkerSpec) -> None:
+        restore_priority()  # a Ray actor starts at nice 15; rank 0 (an engine replica) runs at 0
         self.spec = spec
         if spec.device == "cpu":
             configure_cpu(spec.num_threads)
@@ -37,6 +38,7 @@ class TPWorker:
     def run(self) -> None:
         """Join the group, then run forwards until rank 0 says STOP. Raises TensorParallelFailure
         when rank 0 is gone (a closed connection, or no message within the timeout)."""
+        restore_priority()  # the thread Ray runs this task on may not be the one __init__ ran on
         spec = self.spec
         store = connect_store(spec.store_host, spec.store_port, spec.timeout_s)
         group = TPGroup(store, spec.group_name, spec.rank, spec.world_size, spec.device, spec.timeout_s)
