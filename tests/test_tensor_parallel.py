@@ -72,6 +72,8 @@ def test_tp2_greedy_equals_tp1(ray_cluster, tp1_tokens):
         assert [o.token_ids for o in first] == tp1_tokens
         assert [o.token_ids for o in second] == tp1_tokens
         assert second[2].num_cached_tokens == 32
+        # The rank computes at the engine's priority, not Ray's worker niceness (15 without restore_priority).
+        assert [busiest_thread_nice(pid) for pid in tp_worker_pids()] == [0]
     finally:
         llm.close()
     assert removed(ray_cluster, ranks.placement)
@@ -187,6 +189,16 @@ def tp_worker_pids() -> list[int]:
         except (OSError, ValueError):
             continue
     return pids
+
+
+def busiest_thread_nice(pid: int) -> int:
+    """The niceness of the process's thread that has used the most CPU (/proc/<pid>/task/*/stat)."""
+    threads = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+        threads.append((int(fields[11]) + int(fields[12]), int(fields[16])))  # utime + stime, nice
+    return max(threads)[1]
 
 
 def tp_placements(ray) -> list[str]:
