@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Callable
 from ray.serve.handle import DeploymentHandle
 
 from deployments.engine_router import PIN_KWARG
+import deployments.replica_registry as registry
 from deployments.replica_registry import known_replicas
 from deployments.engine_service import KEEPALIVE_INTERVAL_S
 from edgeacc_ray.engine.combined_stats import combine_stats
@@ -274,6 +275,7 @@ class EngineClient:
             replica = await self._call("submit", self._caller_id, request_id, prompt_token_ids, params)
             link = self._link(replica)
             link.request_ids.add(request_id)
+            registry.track(replica, 1)
             while not finished:
                 item = await queue.get()
                 if isinstance(item, Exception):  # refused or failed: nothing more comes
@@ -285,5 +287,6 @@ class EngineClient:
             self._queues.pop(request_id, None)
             if link is not None:
                 link.request_ids.discard(request_id)
+                registry.track(link.replica, -1)
             if not finished:  # the caller left early (or submit failed): harmless if it never started
                 self._abort_later(link.replica if link is not None else None, request_id)

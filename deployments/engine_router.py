@@ -13,14 +13,19 @@ Two jobs:
   queue-length probe misses its deadline (0.1 s at first, doubling per attempt), which a busy 2-core box
   does now and then; so the first `AFFINE_ATTEMPTS` attempts offer only that replica, and the rest after.
 
-Load is what each engine reports through `record_routing_stats` (running + waiting + prefilling +
-loading), plus the requests this router sent it since that report: Serve's own queue length counts
-handle calls, and a multiplexed `submit` returns at once.
+Load is the larger of what each engine last reported through `record_routing_stats` (running + waiting +
+prefilling + loading) and the requests of this process it runs now (`replica_registry.in_flight`, kept by
+the EngineClient from submit to finish), plus the requests sent to it in the last `RECENT_SEND_S`, whose
+submit has not returned yet: Serve's own queue length counts handle calls, and a multiplexed `submit`
+returns at once. The reports can be many seconds old (Serve pulls them on its reconcile loop); counting
+every request sent since the last one made a replica look busier with each sequential request, until a
+shared prefix left it after 8 (the CI failure of 2026-12-04).
 """
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -30,6 +35,7 @@ from edgeacc_ray.engine.block_manager import page_key
 
 PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
 MAX_UNROUTED = 4096
+RECENT_SEND_S = 0.25  # a request sent this recently may not be in this process's in-flight count yet
 AFFINE_ATTEMPTS = 3  # routing attempts that offer only the prefix's replica before the others may take it
 PLACED_METHODS = frozenset({"submit", "generate"})  # calls that start a request: (caller, request_id, prompt, ...)
 
@@ -76,8 +82,7 @@ class EngineRouter(RequestRouter):
                          max_prefix_pages: int = 256, capacity: int = 200_000, **_: Any) -> None:
         self.imbalance = imbalance
         self.affinity = PrefixAffinity(page_size, max_prefix_pages, capacity) if prefix_affinity else None
-        self._sent: dict[str, int] = {}  # requests sent per replica since its last routing-stats report
-        self._report_seq: dict[str, int] = {}
+        self._recent: dict[str, deque[float]] = {}  # replica -> when requests were sent to it, RECENT_SEND_S back
         self._keys: OrderedDict[str, list[bytes]] = OrderedDict()  # request id -> its prompt's keys, until routed
         self._attempts: dict[str, int] = {}  # request id -> routing attempts so far, until routed
 
@@ -87,8 +92,7 @@ class EngineRouter(RequestRouter):
         dep = self._deployment_id
         gone = registry.update(dep.app_name, dep.name, frozenset(r.replica_id.unique_id for r in replicas))
         for replica in gone:
-            self._sent.pop(replica, None)
-            self._report_seq.pop(replica, None)
+            self._recent.pop(replica, None)
             if self.affinity is not None:
                 self.affinity.forget(replica)
 
@@ -101,14 +105,14 @@ class EngineRouter(RequestRouter):
 
     # ---- load ----
     def load(self, replica: RunningReplica) -> int:
-        """Requests the replica holds, as of its last report, plus those sent to it since."""
+        """See the module docstring."""
         rid = replica.replica_id.unique_id
-        stats = replica.routing_stats or {}
-        seq = int(stats.get("seq", -1))
-        if self._report_seq.get(rid) != seq:  # a fresh report already counts what was sent before it
-            self._report_seq[rid] = seq
-            self._sent[rid] = 0
-        return int(stats.get("load", 0)) + self._sent.get(rid, 0)
+        reported = int((replica.routing_stats or {}).get("load", 0))
+        recent = self._recent.get(rid)
+        horizon = time.monotonic() - RECENT_SEND_S
+        while recent and recent[0] < horizon:
+            recent.popleft()
+        return max(reported, registry.in_flight(rid)) + (len(recent) if recent else 0)
 
     # ---- routing ----
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -151,7 +155,7 @@ class EngineRouter(RequestRouter):
         if pending_request.metadata.call_method not in PLACED_METHODS:
             return
         rid = replica_id.unique_id
-        self._sent[rid] = self._sent.get(rid, 0) + 1
+        self._recent.setdefault(rid, deque()).append(time.monotonic())
         self._attempts.pop(pending_request.metadata.internal_request_id, None)
         keys = self._keys.pop(pending_request.metadata.internal_request_id, None)
         if keys and self.affinity is not None:

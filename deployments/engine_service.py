@@ -130,7 +130,6 @@ class EngineService:
         self._callers: dict[str, _Caller] = {}
         self._reaper: asyncio.Task | None = None
         self.replica_id = own_replica_id()
-        self._routing_seq = 0
         logger.info("%s ready: %s", type(self).__name__, self.engine.model_info)
 
     def make_engine(self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None) -> Any:
@@ -245,11 +244,10 @@ class EngineService:
 
     # ---- what Ray Serve asks every replica for (the router's load, the autoscaler's signals) ----
     def record_routing_stats(self) -> dict[str, Any]:
-        """`EngineRouter`'s load signal; `seq` tells it a report is fresh."""
+        """`EngineRouter`'s load signal."""
         s = self.engine.stats()
-        self._routing_seq += 1
         return {"load": s.num_running + s.num_waiting + s.num_prefilling + s.num_loading,
-                "kv_usage": s.kv_usage, "seq": self._routing_seq}
+                "kv_usage": s.kv_usage}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The signals of `deployments.autoscaling_policy` (Serve averages them over its look-back)."""

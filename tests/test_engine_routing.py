@@ -54,7 +54,7 @@ def test_the_router_waits_a_few_attempts_for_the_replica_that_holds_the_prefix()
 
     router = EngineRouter(DeploymentID(name="EngineServer", app_name="routing_unit"), DeploymentHandleSource.UNKNOWN)
     router.initialize_state(page_size=4)
-    owner, other = (SimpleNamespace(replica_id=SimpleNamespace(unique_id=u), routing_stats={"load": 0, "seq": 1})
+    owner, other = (SimpleNamespace(replica_id=SimpleNamespace(unique_id=u), routing_stats={"load": 0})
                     for u in ("owner", "other"))
     prompt = list(range(12))
     router.affinity.record(router.affinity.keys(prompt), "owner")
