@@ -21,9 +21,8 @@ from typing import Any, AsyncIterator, Callable
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.engine_router import PIN_KWARG
 import deployments.replica_registry as registry
-from deployments.replica_registry import known_replicas
+from deployments.engine_router import PIN_KWARG
 from deployments.engine_service import KEEPALIVE_INTERVAL_S
 from edgeacc_ray.engine.combined_stats import combine_stats
 from edgeacc_ray.engine.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
@@ -116,7 +115,7 @@ class EngineClient:
 
     def _replicas(self) -> list[str]:
         """Every engine replica this process's router knows, and any this client streams from."""
-        known = known_replicas(self._handle.app_name, self._handle.deployment_name)
+        known = registry.known_replicas(self._handle.app_name, self._handle.deployment_name)
         return sorted(set(known) | set(self._links))
 
     async def _renew_leases(self) -> None:

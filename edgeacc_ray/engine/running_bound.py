@@ -2,10 +2,11 @@
 against `tpot_slo_ms`, so a larger batch is only let in while decode keeps its target.
 
 A window closes once it spans `window_s` and holds MIN_SAMPLES TPOT samples (the time between
-consecutive decode steps): a window of fixed length would hold fewer samples the slower decode is,
-and go blind exactly when TPOT is furthest over the target (at 287 ms per token, a 1 s window had 3;
-the bound stayed at 256 while TPOT tripled the target). A window that gathers too few samples within
-STALE_WINDOWS x `window_s` (decode mostly idle) is dropped. Its p90 moves the bound, in small steps: over the target, down to 7/8 of the batch that missed it; under
+consecutive decode steps), as split_controller.window_closes says: a window of fixed length would hold
+fewer samples the slower decode is, and go blind exactly when TPOT is furthest over the target (at 287 ms
+per token, a 1 s window had 3; the bound stayed at 256 while TPOT was 2.8x the target). A window still
+short of samples after STALE_WINDOWS x `window_s` (decode mostly idle) is dropped.
+Its p90 moves the bound, in small steps: over the target, down to 7/8 of the batch that missed it; under
 80% of the target while the bound held requests back, up by 1/16. A window whose batch was larger
 than the bound (still draining after a cut) does not cut again, and a bound that held nobody back
 does not grow (it would climb without evidence). Without a target the bound is `max_num_seqs`.
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeacc_ray.engine.split_controller import p90
+from edgeacc_ray.engine.split_controller import MIN_SAMPLES, p90, window_closes
 
 HEADROOM = 0.8
-MIN_SAMPLES = 8  # a window stays open until it has this many TPOT samples
-STALE_WINDOWS = 10  # ... or is dropped when it has not within this many window lengths
 DECREASE = 8  # over the target: the batch that missed it, less 1/8
 INCREASE = 16  # headroom: up by 1/16 (at least one)
 
@@ -50,8 +49,7 @@ class RunningBound:
             self._window_start = now
         self._samples.append(tpot_s * 1000)
         self._largest_batch = max(self._largest_batch, num_running)
-        span = now - self._window_start
-        if span < self.window_s or (len(self._samples) < MIN_SAMPLES and span < STALE_WINDOWS * self.window_s):
+        if not window_closes(now - self._window_start, self.window_s, len(self._samples) >= MIN_SAMPLES):
             return
         if len(self._samples) >= MIN_SAMPLES:
             self._adjust(p90(self._samples))

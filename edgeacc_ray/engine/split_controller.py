@@ -20,11 +20,17 @@ from dataclasses import dataclass, field
 from edgeacc_ray.engine.core_split import CoreSplit
 
 HEADROOM = 0.8
-MIN_SAMPLES = 8
-STALE_WINDOWS = 10
+MIN_SAMPLES = 8  # a window stays open until it has this many samples (of each kind it needs)
+STALE_WINDOWS = 10  # ... or is dropped when it has not within this many window lengths
 LEND_GAIN = 1.1  # borrowing must make a phase at least this much faster
 RATE_SAMPLES = 5  # observations of a core count before its rate is trusted
 _EWMA = 0.2
+
+
+def window_closes(span_s: float, window_s: float, enough: bool) -> bool:
+    """A measurement window closes once it spans `window_s` and has enough samples, or, short of them,
+    after STALE_WINDOWS x `window_s` (to be dropped). Shared by this controller and the running bound."""
+    return span_s >= window_s and (enough or span_s >= STALE_WINDOWS * window_s)
 
 
 def p90(values: list[float]) -> float:
@@ -121,9 +127,8 @@ class SplitController:
     def _adjust_base(self, now: float) -> None:
         if self._window_start is None:
             self._window_start = now
-        span = now - self._window_start
         enough = len(self._ttft) >= MIN_SAMPLES and len(self._tpot) >= MIN_SAMPLES
-        if span < self.window_s or (not enough and span < STALE_WINDOWS * self.window_s):
+        if not window_closes(now - self._window_start, self.window_s, enough):
             return
         if enough:
             ttft, tpot = p90(self._ttft), p90(self._tpot)
