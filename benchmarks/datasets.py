@@ -59,7 +59,7 @@ def load_tokenizer(model: str, tokenizer: str | None = None) -> Any:
 
     path = tokenizer or model
     if not Path(path).is_dir():
-        from edgeacc_ray.builtin_models import resolve_model
+        from edgeacc_ray.models.builtin_models import resolve_model
 
         path = str(resolve_model(path))
     return AutoTokenizer.from_pretrained(path)

@@ -30,9 +30,9 @@ def resolve_model_path(model: str) -> str:
     (fetched, built or converted on first use, then cached)."""
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser().resolve())
-    from edgeacc_ray.builtin_models import resolve_model
+    from edgeacc_ray.models.builtin_models import resolve_model
 
-    from edgeacc_ray.smollm2 import ModelFetchError
+    from edgeacc_ray.models.smollm2 import ModelFetchError
 
     try:
         return str(resolve_model(model))

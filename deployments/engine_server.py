@@ -18,14 +18,14 @@ class EngineServer(EngineService):
 def tensor_parallel_options(cfg: ServeConfig, model_path: str, actor_options: dict[str, Any]) -> dict[str, Any]:
     """EngineServer's placement under tensor parallelism: one bundle per rank, all on one node
     (STRICT_PACK); the replica (rank 0) takes bundle 0 and starts its ranks in the others
-    (edgeacc_ray/engine/tp_ranks.py). Raises ConfigError, naming tensor_parallel_size, for a model
+    (edgeacc_ray/engine/tp/ranks.py). Raises ConfigError, naming tensor_parallel_size, for a model
     whose heads do not split over that many ranks (checked here, before anything is deployed)."""
     tp = cfg.tensor_parallel_size
     if tp == 1:
         return {}
     from edgeacc_ray.models.loader import read_model_args
     from edgeacc_ray.models.tp_shard import ShardingError, check_shardable
-    from edgeacc_ray.engine.tp_ranks import rank_bundle
+    from edgeacc_ray.engine.tp.ranks import rank_bundle
 
     try:
         check_shardable(read_model_args(model_path)[0], tp)

@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from edgeacc_ray.builtin_models import resolve_model
+    from edgeacc_ray.models.builtin_models import resolve_model
 
     return str(resolve_model("tiny"))
 

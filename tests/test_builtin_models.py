@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from edgeacc_ray import builtin_models
-from edgeacc_ray.builtin_models import (ENDOFTEXT_ID, IM_END_ID, IM_START_ID, UnknownModelError, build_model, cache_dir,
+from edgeacc_ray.models import builtin_models
+from edgeacc_ray.models.builtin_models import (ENDOFTEXT_ID, IM_END_ID, IM_START_ID, UnknownModelError, build_model, cache_dir,
                                         resolve_model)
 
 FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}

@@ -16,17 +16,17 @@ import pickle
 import pytest
 import torch
 
-from edgeacc_ray.engine.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.core_split import ControlBlock, CoreSplit
-from edgeacc_ray.engine.cuda_graphs import DecodeGraphs, batch_buckets, bucket, page_buckets
-from edgeacc_ray.engine.cuda_ipc_storage import (CUDA_ALIGN, CudaArenaManifest, CudaIpcHandle, CudaIpcUnavailable,
+from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplit
+from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, bucket, page_buckets
+from edgeacc_ray.engine.kv.cuda_ipc_storage import (CUDA_ALIGN, CudaArenaManifest, CudaIpcHandle, CudaIpcUnavailable,
                                                  CudaStorageSpec)
-from edgeacc_ray.engine.device import CudaRunnerOptions, DevicePlan, DeviceUnavailable, resolve_device
-from edgeacc_ray.engine.model_runner import ModelRunner
-from edgeacc_ray.engine.sampling_params import SamplingParams
-from edgeacc_ray.engine.sequence import Sequence
-from edgeacc_ray.engine.shared_arena import ArenaManifest, TensorSlot, lay_out
-from edgeacc_ray.engine.sm_split import (MPS_PERCENTAGE_ENV, FixedShare, SmPartitions, SmSplitFollower, SmSplitMode,
+from edgeacc_ray.engine.hardware.device import CudaRunnerOptions, DevicePlan, DeviceUnavailable, resolve_device
+from edgeacc_ray.engine.runner.model_runner import ModelRunner
+from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.kv.shared_arena import ArenaManifest, TensorSlot, lay_out
+from edgeacc_ray.engine.split.sm_split import (MPS_PERCENTAGE_ENV, FixedShare, SmPartitions, SmSplitFollower, SmSplitMode,
                                          SmSplitReport, detect_mode, mps_running, set_mps_share)
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.attention_flashinfer import paged_layout
@@ -190,7 +190,7 @@ def test_graphs_take_pure_decode_steps_only():
             seq = Sequence(f"r{i}", [1, 2, 3], GREEDY, arrival_time=0.0)
             seq.page_table, seq.num_computed_tokens = [i + 1], 2
             seqs.append(seq)
-        from edgeacc_ray.engine.scheduler import ScheduledBatch
+        from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch
 
         assert graphs.accepts(ScheduledBatch([(s, 1) for s in seqs[:4]], 4, []))
         assert not graphs.accepts(ScheduledBatch([(s, 1) for s in seqs], 5, []))  # past the largest bucket
@@ -235,7 +235,7 @@ def test_cuda_graphs_equal_eager_on_the_gpu():
 
 
 def _child_writes(manifest: CudaArenaManifest, queue) -> None:
-    from edgeacc_ray.engine.cuda_ipc_storage import CudaArena
+    from edgeacc_ray.engine.kv.cuda_ipc_storage import CudaArena
 
     arena = CudaArena.attach(manifest)
     seen = arena.tensors["x"].clone().cpu()
@@ -247,7 +247,7 @@ def _child_writes(manifest: CudaArenaManifest, queue) -> None:
 
 @needs_cuda
 def test_ipc_arena_is_the_same_memory_in_two_processes():
-    from edgeacc_ray.engine.cuda_ipc_storage import CudaArena
+    from edgeacc_ray.engine.kv.cuda_ipc_storage import CudaArena
 
     arena = CudaArena.create({"x": ((4,), torch.float32)}, "cuda")
     arena.tensors["x"].copy_(torch.arange(4.0))

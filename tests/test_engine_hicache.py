@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.engine.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.sampling_params import SamplingParams
-from edgeacc_ray.engine.sequence import SequenceStatus
+from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request.sequence import SequenceStatus
 from edgeacc_ray.http.metrics import render
 from edgeacc_ray.llm import LLM
 from kv_store.store_actor import STORE_NAMESPACE
@@ -232,7 +232,7 @@ def test_tier_counters_reach_metrics(store):
 def test_tier_without_ray_is_refused_before_the_model_loads():
     """The offline engine does not start a Ray cluster on its own (a fresh process: this one has Ray)."""
     code = ("from edgeacc_ray.llm import LLM\n"
-            "from edgeacc_ray.engine.hierarchical_cache import TierUnavailable\n"
+            "from edgeacc_ray.engine.kv.tier import TierUnavailable\n"
             "try:\n    LLM('no-such-model', enable_hierarchical_cache=True)\n"
             "except TierUnavailable as e:\n    print('refused:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

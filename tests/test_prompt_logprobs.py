@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.config import SemiPDConfig
-from edgeacc_ray.engine.errors import InvalidRequest
-from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.engine.request.errors import InvalidRequest
+from edgeacc_ray.engine.request.sampling_params import SamplingParams
 from edgeacc_ray.llm import LLM
 from serve_helpers import local_app
 from tests.test_engine_correctness import OPTIMISTIC, TEXT, assert_pool_idle, random_ids

@@ -3,8 +3,8 @@ there is headroom and the bound held requests back, never outside [1, max_num_se
 synthetic measurements (it is a unit)."""
 from __future__ import annotations
 
-from edgeacc_ray.engine.running_bound import MIN_SAMPLES, RunningBound
-from edgeacc_ray.engine.split_controller import STALE_WINDOWS
+from edgeacc_ray.engine.scheduling.running_bound import MIN_SAMPLES, RunningBound
+from edgeacc_ray.engine.split.split_controller import STALE_WINDOWS
 
 
 def window(bound: RunningBound, start: float, tpot_ms: float, batch: int, held_back: bool = False) -> float:

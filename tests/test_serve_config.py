@@ -114,7 +114,7 @@ def test_unknown_edgeacc_variable_warns_with_the_closest_setting(caplog):
 
 
 def test_engine_settings_are_inherited_not_copied():
-    from edgeacc_ray.engine.config import EngineConfig, EngineSettings
+    from edgeacc_ray.config.engine import EngineConfig, EngineSettings
 
     cfg = ServeConfig.from_sources({"decode_workspace_memory_gb": 0.5}, env={"EDGEACC_PAGE_SIZE": "8"})
     engine = cfg.engine_config()

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.precision import hf_decode
-from edgeacc_ray.builtin_models import resolve_model
-from edgeacc_ray.engine.sampling_params import SamplingParams
+from edgeacc_ray.models.builtin_models import resolve_model
+from edgeacc_ray.engine.request.sampling_params import SamplingParams
 from edgeacc_ray.llm import LLM
-from edgeacc_ray.model_cache import cache_dir
-from edgeacc_ray.smollm2 import NAME, WHEEL_ENV, ModelFetchError, smollm2_gguf
+from edgeacc_ray.models.model_cache import cache_dir
+from edgeacc_ray.models.smollm2 import NAME, WHEEL_ENV, ModelFetchError, smollm2_gguf
 
 QUESTIONS = ["What is the capital of France?", "What is 2 + 2?", "How many legs does a spider have?",
              "Name three primary colors.", "Write a haiku about the sea.", "Who wrote Romeo and Juliet?"]

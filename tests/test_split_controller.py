@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from edgeacc_ray.engine.core_split import ControlBlock, CoreSplit, CoreSplitFollower
-from edgeacc_ray.engine.split_controller import MIN_SAMPLES, STALE_WINDOWS, SplitController
+from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplit, CoreSplitFollower
+from edgeacc_ray.engine.split.split_controller import MIN_SAMPLES, STALE_WINDOWS, SplitController
 
 
 def controller(cores=(0, 1, 2, 3), **kw) -> SplitController:

@@ -15,9 +15,9 @@ import pytest
 
 from edgeacc_ray import LLM, SamplingParams
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.config import SemiPDConfig
-from edgeacc_ray.engine.errors import InvalidRequest
-from edgeacc_ray.engine.structured_output import StructuredOutput
+from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.engine.request.errors import InvalidRequest
+from edgeacc_ray.engine.request.structured_output import StructuredOutput
 from serve_helpers import local_app
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from edgeacc_ray.model_cache import cache_dir, is_stamped, publish_folder
+from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 from edgeacc_ray.models.gguf_metadata import GGUFError, GGUFMetadata, UnsupportedGGUFError
 from edgeacc_ray.models.gguf_tokenizer import tokenizer_config, tokenizer_json
 

@@ -1,0 +1,3 @@
+from edgeacc_ray.config.serve import ConfigError, ServeConfig
+
+__all__ = ["ConfigError", "ServeConfig"]
