@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.num_threads, enable_prefix_caching=False,

@@ -16,7 +16,7 @@ import statistics
 import time
 
 from edgeacc_ray import LLM, SamplingParams
-from edgeacc_ray.engine.request.structured_output import StructuredOutput
+from edgeacc_ray.engine.request import StructuredOutput
 
 SCHEMA = {
     "type": "object", "additionalProperties": False,

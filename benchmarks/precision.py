@@ -86,8 +86,8 @@ def hf_decode(model, prompt: list[int], n: int, forced: list[int] | None = None)
 def ours_forced(llm, prompts: list[list[int]], forced: list[list[int]], batch: int) -> list[torch.Tensor]:
     """Our engine's logits [len(forced[i]), vocab] per prompt, fed the forced tokens step by step:
     the engine's scheduler and model runner, with the reference token in place of the sampled one."""
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
-    from edgeacc_ray.engine.request.sequence import Sequence
+    from edgeacc_ray.engine.request import SamplingParams
+    from edgeacc_ray.engine.request import Sequence
 
     engine = llm.engine
     results: list[torch.Tensor] = []
@@ -115,7 +115,7 @@ def ours_forced(llm, prompts: list[list[int]], forced: list[list[int]], batch: i
 
 
 def ours_greedy(llm, prompts: list[list[int]], n: int) -> list[list[int]]:
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
 
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     return [o.token_ids for o in outs]

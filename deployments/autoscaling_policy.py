@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from edgeacc_ray.engine.request.outputs import EngineStats
+from edgeacc_ray.engine.request import EngineStats
 
 SIGNALS = ("waiting", "running", "kv_reserved", "ttft_s")
 

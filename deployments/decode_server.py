@@ -16,8 +16,8 @@ from ray.serve.handle import DeploymentHandle
 import deployments.replica_registry as replica_registry
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillFailed, PrefillReplicaTaken
-from edgeacc_ray.engine.kv.shared_arena import sweep_stale_segments
+from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillBatchResult, PrefillFailed, PrefillReplicaTaken
+from edgeacc_ray.engine.kv import sweep_stale_segments
 
 logger = logging.getLogger("ray.serve")
 

@@ -24,10 +24,10 @@ from ray.serve.handle import DeploymentHandle
 import deployments.replica_registry as registry
 from deployments.engine_router import PIN_KWARG
 from deployments.engine_service import KEEPALIVE_INTERVAL_S
-from edgeacc_ray.engine.request.combined_stats import combine_stats
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import combine_stats
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.request import SamplingParams
 
 __all__ = ["EngineClient", "InvalidRequest", "EngineUnavailable"]
 

@@ -31,7 +31,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 import deployments.replica_registry as registry
-from edgeacc_ray.engine.kv.block_manager import page_key
+from edgeacc_ray.engine.kv import page_key
 
 PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
 MAX_UNROUTED = 4096

@@ -25,7 +25,7 @@ def tensor_parallel_options(cfg: ServeConfig, model_path: str, actor_options: di
         return {}
     from edgeacc_ray.models.loader import read_model_args
     from edgeacc_ray.models.tp_shard import ShardingError, check_shardable
-    from edgeacc_ray.engine.tp.ranks import rank_bundle
+    from edgeacc_ray.engine.tp import rank_bundle
 
     try:
         check_shardable(read_model_args(model_path)[0], tp)

@@ -23,11 +23,11 @@ from typing import Any, AsyncIterator
 from deployments.autoscaling_policy import autoscaling_signals
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.engine.request.errors import EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.hardware.cpu import pin_process, restore_priority
-from edgeacc_ray.engine.semi_pd.prefill_dispatcher import PrefillExecutor
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.hardware import pin_process, restore_priority
+from edgeacc_ray.engine.semi_pd import PrefillExecutor
+from edgeacc_ray.engine.request import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 

@@ -18,10 +18,10 @@ from ray import serve
 
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, check_pin, own_replica_id
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.hardware.cpu import configure_cpu, restore_priority
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
-from edgeacc_ray.engine.kv.shared_arena import process_alive
-from edgeacc_ray.engine.semi_pd.prefill_worker import PrefillWorker
+from edgeacc_ray.engine.hardware import configure_cpu, restore_priority
+from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
+from edgeacc_ray.engine.kv import process_alive
+from edgeacc_ray.engine.semi_pd import PrefillWorker
 
 
 class PairClaim:

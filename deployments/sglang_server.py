@@ -28,10 +28,10 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.request.errors import EngineUnavailable
-from edgeacc_ray.engine.hardware.cpu import restore_priority
-from edgeacc_ray.engine.semi_pd.prefill_dispatcher import PrefillExecutor
-from edgeacc_ray.engine.tp.ranks import rank_bundle
+from edgeacc_ray.engine.request import EngineUnavailable
+from edgeacc_ray.engine.hardware import restore_priority
+from edgeacc_ray.engine.semi_pd import PrefillExecutor
+from edgeacc_ray.engine.tp import rank_bundle
 from edgeacc_ray.sglang_backend.engine import INSTALL_HINT, SGLangEngine
 from edgeacc_ray.sglang_backend.pd_messages import BootstrapAddress, PrefillRequest
 from edgeacc_ray.sglang_backend.server_args import Role

@@ -1,6 +1,6 @@
 """EdgeAcc-Ray: LLM serving on Ray Serve with a native paged-KV engine."""
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams"]
 __version__ = "0.1.0"

@@ -5,13 +5,13 @@ import itertools
 from typing import Any, Sequence as Seq
 
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.hardware.device import resolve_device
-from edgeacc_ray.engine.request.errors import EngineOverloaded
+from edgeacc_ray.engine.hardware import resolve_device
+from edgeacc_ray.engine.request import EngineOverloaded
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request.outputs import CompletionOutput
-from edgeacc_ray.engine.semi_pd.process_prefill_executor import ProcessPrefillExecutor
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.split.sm_split import prefill_mps_share
+from edgeacc_ray.engine.request import CompletionOutput
+from edgeacc_ray.engine.semi_pd import ProcessPrefillExecutor
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.split import prefill_mps_share
 
 Prompt = str | list[int]
 

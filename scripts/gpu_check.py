@@ -65,8 +65,8 @@ def setup(cpu: bool) -> Setup:
 def step_env(s: Setup) -> list[Row]:
     import torch
 
-    from edgeacc_ray.engine.hardware.device import flashinfer_available
-    from edgeacc_ray.engine.split.sm_split import green_contexts_supported, mps_pipe_directory, mps_running
+    from edgeacc_ray.engine.hardware import flashinfer_available
+    from edgeacc_ray.engine.split import green_contexts_supported, mps_pipe_directory, mps_running
 
     rows = [Row("env", "torch", torch.__version__), Row("env", "device", s.device)]
     if s.device == "cuda":
@@ -154,7 +154,7 @@ def step_hf(s: Setup) -> list[Row]:
     import torch
 
     from edgeacc_ray.models.builtin_models import resolve_model
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
     path = str(resolve_model(s.model))
@@ -175,10 +175,10 @@ def step_hf(s: Setup) -> list[Row]:
 
 def step_semi_pd(s: Setup) -> list[Row]:
     from edgeacc_ray.config.engine import SemiPDConfig
-    from edgeacc_ray.engine.runner.model_runner import kv_page_bytes
-    from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillTask
-    from edgeacc_ray.engine.semi_pd.prefill_worker import page_sums
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.runner import kv_page_bytes
+    from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillTask
+    from edgeacc_ray.engine.semi_pd import page_sums
+    from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
     params = SamplingParams(temperature=0, max_tokens=min(s.new_tokens, 24), ignore_eos=True)
@@ -238,7 +238,7 @@ def _timed(llm, prompts, params) -> tuple[float, int, int]:
 
 def step_throughput(s: Setup) -> list[Row]:
     from edgeacc_ray.config.engine import SemiPDConfig
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
     rows = []

@@ -22,9 +22,9 @@ from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, b
 from edgeacc_ray.engine.kv.cuda_ipc_storage import (CUDA_ALIGN, CudaArenaManifest, CudaIpcHandle, CudaIpcUnavailable,
                                                  CudaStorageSpec)
 from edgeacc_ray.engine.hardware.device import CudaRunnerOptions, DevicePlan, DeviceUnavailable, resolve_device
-from edgeacc_ray.engine.runner.model_runner import ModelRunner
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.runner import ModelRunner
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.engine.kv.shared_arena import ArenaManifest, TensorSlot, lay_out
 from edgeacc_ray.engine.split.sm_split import (MPS_PERCENTAGE_ENV, FixedShare, SmPartitions, SmSplitFollower, SmSplitMode,
                                          SmSplitReport, detect_mode, mps_running, set_mps_share)
@@ -190,7 +190,7 @@ def test_graphs_take_pure_decode_steps_only():
             seq = Sequence(f"r{i}", [1, 2, 3], GREEDY, arrival_time=0.0)
             seq.page_table, seq.num_computed_tokens = [i + 1], 2
             seqs.append(seq)
-        from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch
+        from edgeacc_ray.engine.scheduling import ScheduledBatch
 
         assert graphs.accepts(ScheduledBatch([(s, 1) for s in seqs[:4]], 4, []))
         assert not graphs.accepts(ScheduledBatch([(s, 1) for s in seqs], 5, []))  # past the largest bucket

@@ -8,13 +8,13 @@ import random
 
 import pytest
 
-from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
+from edgeacc_ray.engine.scheduling import AdmissionPolicy
 from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.request.errors import InvalidRequest
+from edgeacc_ray.engine.request import InvalidRequest
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.scheduling.running_bound import RunningBound
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.scheduling import RunningBound
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.llm import LLM
 from tests.test_engine_pages import assert_pool_idle
 

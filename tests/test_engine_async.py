@@ -10,7 +10,7 @@ import pytest
 
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
 ENGINE_ARGS = dict(model="tiny", dtype="float32", num_pages=128, page_size=4)

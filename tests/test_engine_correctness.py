@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
 VOCAB = 8000

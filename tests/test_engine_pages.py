@@ -8,8 +8,8 @@ import pytest
 
 from edgeacc_ray.config.engine import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.sequence import SequenceStatus
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import SequenceStatus
 from edgeacc_ray.llm import LLM
 
 VOCAB = 8000

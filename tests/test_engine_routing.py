@@ -14,10 +14,10 @@ import pytest
 from deployments.autoscaling_policy import EngineScalingPolicy, autoscaling_signals
 from deployments.engine_router import AFFINE_ATTEMPTS, EngineRouter, PrefixAffinity
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.kv.block_manager import page_key
-from edgeacc_ray.engine.request.combined_stats import combine_stats
-from edgeacc_ray.engine.request.latency_metrics import LatencyMetrics
-from edgeacc_ray.engine.request.outputs import EngineStats
+from edgeacc_ray.engine.kv import page_key
+from edgeacc_ray.engine.request import combine_stats
+from edgeacc_ray.engine.request import LatencyMetrics
+from edgeacc_ray.engine.request import EngineStats
 from serve_helpers import record_stream, serve_app
 
 

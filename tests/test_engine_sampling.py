@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray.config.engine import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
 EOS_IDS = {7999, 7997}

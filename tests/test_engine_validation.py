@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
 VOCAB = 8000

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.precision import hf_decode
 from edgeacc_ray.models.builtin_models import resolve_model
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.gguf_convert import convert_gguf, converted_folder
 from edgeacc_ray.models.gguf_metadata import UnsupportedGGUFError

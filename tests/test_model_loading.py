@@ -66,12 +66,12 @@ def test_qwen2_and_llama_match_hf(tmp_path, arch):
 
 def _greedy_with_model(model, args, prompt: list[int], n: int = 8) -> list[int]:
     """Greedy decode through the native model and runner (no tokenizer needed)."""
-    from edgeacc_ray.engine.kv.block_manager import BlockManager
-    from edgeacc_ray.engine.runner.model_runner import ModelRunner
-    from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
-    from edgeacc_ray.engine.scheduling.running_bound import RunningBound
-    from edgeacc_ray.engine.scheduling.scheduler import Scheduler
-    from edgeacc_ray.engine.request.sequence import Sequence
+    from edgeacc_ray.engine.kv import BlockManager
+    from edgeacc_ray.engine.runner import ModelRunner
+    from edgeacc_ray.engine.scheduling import AdmissionPolicy
+    from edgeacc_ray.engine.scheduling import RunningBound
+    from edgeacc_ray.engine.scheduling import Scheduler
+    from edgeacc_ray.engine.request import Sequence
 
     runner = ModelRunner(model, args, num_pages=64, page_size=16, workspace_bytes=1 << 24)
     blocks = BlockManager(64, 16)

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.structured_output import StructuredOutput
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import StructuredOutput
 from edgeacc_ray.http.preprocess import UNSUPPORTED, UNSUPPORTED_CHAT, UNSUPPORTED_GENERATE, Preprocessor
 from edgeacc_ray.http.protocol.openai import ChatCompletionRequest, Tool
 from edgeacc_ray.http.tool_calls import CLOSE, HermesTools, ToolCallStream

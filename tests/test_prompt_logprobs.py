@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.config.engine import SemiPDConfig
-from edgeacc_ray.engine.request.errors import InvalidRequest
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import InvalidRequest
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from serve_helpers import local_app
 from tests.test_engine_correctness import OPTIMISTIC, TEXT, assert_pool_idle, random_ids

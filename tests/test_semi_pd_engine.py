@@ -11,9 +11,9 @@ import signal
 
 import pytest
 from edgeacc_ray.config.engine import SemiPDConfig
-from edgeacc_ray.engine.runner.model_runner import kv_page_bytes
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillFailed, PrefillTask
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.runner import kv_page_bytes
+from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillFailed, PrefillTask
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from tests.test_engine_correctness import OPTIMISTIC, TEXT, assert_pool_idle
 

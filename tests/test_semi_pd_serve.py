@@ -16,8 +16,8 @@ import pytest
 
 from serve_helpers import record_stream, replica_pid, replica_pids, serve_app, wait_serving
 
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillReplicaTaken
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.semi_pd import PrefillReplicaTaken
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.kv.shared_arena import PREFIX, SHM_DIR
 from edgeacc_ray.llm import LLM
 

@@ -358,7 +358,7 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(url):
 
 
 def test_greedy_http_output_equals_offline_engine(url):
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
     prompts = ["Once upon a time,", "import numpy as np\n", "The capital of France is", "def main():"]
@@ -390,7 +390,7 @@ def test_engine_client_modes_agree_and_abort(url, mode):
     from ray import serve
 
     from deployments.engine_client import EngineClient, InvalidRequest
-    from edgeacc_ray.engine.request.sampling_params import SamplingParams
+    from edgeacc_ray.engine.request import SamplingParams
 
     handle = serve.get_deployment_handle("EngineServer", app_name="edgeacc")
     ids = [101, 202, 303, 404, 505]

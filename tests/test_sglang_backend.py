@@ -25,10 +25,10 @@ import pytest
 import yaml
 
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request.outputs import TokenLogprob
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.structured_output import StructuredOutput
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import TokenLogprob
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import StructuredOutput
 from edgeacc_ray.sglang_backend.outputs import SGLangStream
 from edgeacc_ray.sglang_backend.requests import logprob_args, sampling_params
 from edgeacc_ray.sglang_backend.server_args import server_args

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.precision import hf_decode
 from edgeacc_ray.models.builtin_models import resolve_model
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.model_cache import cache_dir
 from edgeacc_ray.models.smollm2 import NAME, WHEEL_ENV, ModelFetchError, smollm2_gguf

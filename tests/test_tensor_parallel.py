@@ -15,8 +15,8 @@ import pytest
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
 from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.request.errors import EngineUnavailable, TensorParallelFailure
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import EngineUnavailable, TensorParallelFailure
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.tp_shard import ShardingError
 

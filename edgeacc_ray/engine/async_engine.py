@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.errors import EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.semi_pd.prefill_dispatcher import PrefillExecutor
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.kv.unified_storage import StorageSpec
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.semi_pd import PrefillExecutor
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.kv import StorageSpec
 
 logger = logging.getLogger(__name__)
 

@@ -7,37 +7,37 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from edgeacc_ray.engine.kv.block_manager import BlockManager
+from edgeacc_ray.engine.kv import BlockManager
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.detokenizer import IncrementalDetokenizer
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.hardware.device import CudaRunnerOptions, DevicePlan
-from edgeacc_ray.engine.request.latency_metrics import LatencyMetrics
-from edgeacc_ray.engine.runner.model_runner import ModelRunner, kv_page_bytes, kv_pool_shape
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput, SplitStats
-from edgeacc_ray.engine.hardware.cpu import configure_cpu, use_cores
-from edgeacc_ray.engine.semi_pd.prefill_dispatcher import PrefillDispatcher, PrefillExecutor
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillFailed
-from edgeacc_ray.engine.request.validation import RequestLimits, validate_request
-from edgeacc_ray.engine.sampling.sampler import sample
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
-from edgeacc_ray.engine.scheduling.queue_bounds import QueueBounds
-from edgeacc_ray.engine.scheduling.start_forecast import BatchForecast, StepTime
-from edgeacc_ray.engine.scheduling.running_bound import RunningBound
-from edgeacc_ray.engine.scheduling.scheduler import Scheduler
-from edgeacc_ray.engine.request.sequence import Sequence, SequenceStatus
-from edgeacc_ray.engine.split.split_controller import SplitController
-from edgeacc_ray.engine.request.structured_output import GrammarCompiler, next_token_bitmask
-from edgeacc_ray.engine.tp.messages import WorkerSpec
-from edgeacc_ray.engine.tp.ranks import Rank0Model, TensorParallelRanks, new_group_name, node_address
-from edgeacc_ray.engine.semi_pd.setup import start_semi_pd
-from edgeacc_ray.engine.kv.unified_storage import MappedStorage
+from edgeacc_ray.engine.request import IncrementalDetokenizer
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.hardware import CudaRunnerOptions, DevicePlan
+from edgeacc_ray.engine.request import LatencyMetrics
+from edgeacc_ray.engine.runner import ModelRunner, kv_page_bytes, kv_pool_shape
+from edgeacc_ray.engine.request import EngineStats, RequestOutput, SplitStats
+from edgeacc_ray.engine.hardware import configure_cpu, use_cores
+from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor
+from edgeacc_ray.engine.semi_pd import PrefillFailed
+from edgeacc_ray.engine.request import RequestLimits, validate_request
+from edgeacc_ray.engine.sampling import sample
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.scheduling import AdmissionPolicy
+from edgeacc_ray.engine.scheduling import QueueBounds
+from edgeacc_ray.engine.scheduling import BatchForecast, StepTime
+from edgeacc_ray.engine.scheduling import RunningBound
+from edgeacc_ray.engine.scheduling import Scheduler
+from edgeacc_ray.engine.request import Sequence, SequenceStatus
+from edgeacc_ray.engine.split import SplitController
+from edgeacc_ray.engine.request import GrammarCompiler, next_token_bitmask
+from edgeacc_ray.engine.tp import WorkerSpec
+from edgeacc_ray.engine.tp import Rank0Model, TensorParallelRanks, new_group_name, node_address
+from edgeacc_ray.engine.semi_pd import start_semi_pd
+from edgeacc_ray.engine.kv import MappedStorage
 from edgeacc_ray.models.loader import load_model
 from edgeacc_ray.models.tp_shard import TPShard
 
 if TYPE_CHECKING:
-    from edgeacc_ray.engine.kv.tier import HierarchicalCache
+    from edgeacc_ray.engine.kv import HierarchicalCache
 
 MAX_DEFAULT_CONTEXT = 32768
 
@@ -52,7 +52,7 @@ class LLMEngine:
 
         self.config = config
         if config.enable_hierarchical_cache:  # imported here: the tier brings Ray, the engine alone does not need it
-            from edgeacc_ray.engine.kv.tier import require_ray
+            from edgeacc_ray.engine.kv import require_ray
 
             require_ray()  # before the model loads
         semi_pd = config.semi_pd
@@ -108,7 +108,7 @@ class LLMEngine:
                                           record_new_pages=config.enable_hierarchical_cache)
         self.tier: HierarchicalCache | None = None
         if config.enable_hierarchical_cache:
-            from edgeacc_ray.engine.kv.tier import HierarchicalCache
+            from edgeacc_ray.engine.kv import HierarchicalCache
 
             self.tier = HierarchicalCache.connect(self.model_path, int(config.kv_cache_offload_memory_gb * 2**30),
                                                   self.block_manager, self.runner.kv_cache, config.kv_store_name)

@@ -8,7 +8,7 @@ from typing import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.request.outputs import EngineStats
+from edgeacc_ray.engine.request import EngineStats
 from edgeacc_ray.http.engine_health import EngineHealth
 from edgeacc_ray.http.engine_interface import EngineClient
 from edgeacc_ray.http.engine_request import EngineRequest, start_all

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable, Protocol
 
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.request import SamplingParams
 
 
 class EngineClient(Protocol):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Mapping
 
-from edgeacc_ray.engine.request.outputs import RequestOutput
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import RequestOutput
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.http.engine_interface import EngineClient
 from edgeacc_ray.http.errors import APIError, from_engine_error
 

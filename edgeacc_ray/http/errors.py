@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
 
 logger = logging.getLogger("ray.serve")
 

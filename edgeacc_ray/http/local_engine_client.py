@@ -7,8 +7,8 @@ from typing import Any, AsyncIterator, Callable
 
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
 from edgeacc_ray.config.engine import EngineConfig
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.request import SamplingParams
 
 
 class LocalEngineClient:

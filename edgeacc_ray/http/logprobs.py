@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeacc_ray.engine.request.outputs import TokenLogprob
+from edgeacc_ray.engine.request import TokenLogprob
 
 FLOOR = -9999.0  # -inf is not JSON
 

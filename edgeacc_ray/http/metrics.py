@@ -12,8 +12,8 @@ from typing import Iterable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from edgeacc_ray.engine.request.latency_metrics import HistogramSnapshot, LatencySnapshot
-from edgeacc_ray.engine.request.outputs import EngineStats, HiCacheStats
+from edgeacc_ray.engine.request import HistogramSnapshot, LatencySnapshot
+from edgeacc_ray.engine.request import EngineStats, HiCacheStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

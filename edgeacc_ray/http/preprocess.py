@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.structured_output import StructuredOutput
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import StructuredOutput
 from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.logprobs import TokenText
 from edgeacc_ray.http.protocol.openai import (ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat,

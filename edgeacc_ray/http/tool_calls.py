@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from edgeacc_ray.engine.request.structured_output import StructuredOutput
+from edgeacc_ray.engine.request import StructuredOutput
 from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.protocol.openai import NamedToolChoice, Tool
 

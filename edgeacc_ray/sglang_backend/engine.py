@@ -21,10 +21,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request.latency_metrics import LatencyMetrics
-from edgeacc_ray.engine.request.outputs import EngineStats, RequestOutput
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import LatencyMetrics
+from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.sglang_backend.outputs import SGLangStream
 from edgeacc_ray.sglang_backend.pd_messages import BootstrapAddress, PrefillRequest
 from edgeacc_ray.sglang_backend.requests import logprob_args, sampling_params

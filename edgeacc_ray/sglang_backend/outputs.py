@@ -22,8 +22,8 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any, Mapping
 
-from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request.outputs import RequestOutput, TokenLogprob
+from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
+from edgeacc_ray.engine.request import RequestOutput, TokenLogprob
 
 OVERLOAD_STATUSES = frozenset({HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE})
 OVERLOAD_RETRY_AFTER_S = 1  # SGLang says nothing about when: retry soon

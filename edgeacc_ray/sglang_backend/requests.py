@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeacc_ray.engine.request.errors import InvalidRequest
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.request.structured_output import ANY_JSON_SCHEMA, StructuredOutput
+from edgeacc_ray.engine.request import InvalidRequest
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import ANY_JSON_SCHEMA, StructuredOutput
 
 TOP_K_ALL = -1  # SGLang: -1 (normalized to its TOP_K_ALL) samples from the whole vocabulary
 NO_PROMPT_LOGPROBS = -1  # logprob_start_len: the prompt's logprobs are not computed

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import Sequence
 
 ROOT_KEY = b""
 

@@ -34,8 +34,8 @@ import ray
 import torch
 
 from edgeacc_ray.engine.kv.block_manager import ROOT_KEY, BlockManager, page_key
-from edgeacc_ray.engine.request.outputs import HiCacheStats
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import HiCacheStats
+from edgeacc_ray.engine.request import Sequence
 from kv_store import KVTierClient, ModelIdentity, TierStats
 
 MIN_LOAD_PAGES = 2  # fewer pages are computed: a read costs a store round trip and a step of waiting

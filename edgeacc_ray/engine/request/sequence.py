@@ -11,7 +11,7 @@ from edgeacc_ray.engine.request.outputs import TokenLogprob
 from edgeacc_ray.engine.request.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from edgeacc_ray.engine.kv.tier import PrefixLoad
+    from edgeacc_ray.engine.kv import PrefixLoad
 
 
 class SequenceStatus(enum.Enum):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.scheduling import ScheduledBatch
+from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.models.attention import AttentionMetadata
 from edgeacc_ray.models.qwen3 import CausalLM
 

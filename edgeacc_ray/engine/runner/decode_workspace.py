@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import Sequence
 
 # Attention reads rows over their whole capacity (a strided slice would make matmul copy it), so
 # the capacity grows in small steps: little padding to read, one re-copy every _LENGTH_STEP tokens.

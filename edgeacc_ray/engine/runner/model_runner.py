@@ -9,9 +9,9 @@ import torch
 from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs
 from edgeacc_ray.engine.runner.decode_workspace import DecodeWorkspace
 from edgeacc_ray.engine.sampling import prompt_logprobs
-from edgeacc_ray.engine.hardware.device import CudaRunnerOptions
-from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.hardware import CudaRunnerOptions
+from edgeacc_ray.engine.scheduling import ScheduledBatch
+from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.models.attention import AttentionMetadata, PrefillChunk
 from edgeacc_ray.models.config import ModelArgs
 from edgeacc_ray.models.qwen3 import CausalLM

@@ -1,0 +1,3 @@
+from edgeacc_ray.engine.sampling.sampler import sample
+
+__all__ = ["sample"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from edgeacc_ray.engine.request.sequence import Sequence
-from edgeacc_ray.engine.request.structured_output import apply_bitmasks
+from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.request import apply_bitmasks
 
 
 def apply_logit_controls(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from edgeacc_ray.engine.request.outputs import TokenLogprob
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import TokenLogprob
+from edgeacc_ray.engine.request import Sequence
 
 ROWS_PER_SLICE = 256  # rows through the LM head at once: 256 x 150k vocab x 4 B = 150 MB at most
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from edgeacc_ray.engine.sampling.logit_controls import apply_logit_controls
-from edgeacc_ray.engine.request.outputs import TokenLogprob
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import TokenLogprob
+from edgeacc_ray.engine.request import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:

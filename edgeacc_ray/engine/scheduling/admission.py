@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from edgeacc_ray.engine.scheduling.running_bound import RunningBound
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import Sequence
 
 RATIO_EWMA = 0.1  # weight of one finished request in the learned ratio
 RETRACTION_RATIO_STEP = 0.1  # the ratio rises this much after each retraction

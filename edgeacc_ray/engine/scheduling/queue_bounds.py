@@ -18,8 +18,8 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from edgeacc_ray.engine.request.errors import EngineOverloaded, QueueTimeout
-from edgeacc_ray.engine.request.sequence import Sequence
+from edgeacc_ray.engine.request import EngineOverloaded, QueueTimeout
+from edgeacc_ray.engine.request import Sequence
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.scheduling.start_forecast import BatchForecast

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeacc_ray.engine.split.split_controller import MIN_SAMPLES, p90, window_closes
+from edgeacc_ray.engine.split import MIN_SAMPLES, p90, window_closes
 
 HEADROOM = 0.8
 DECREASE = 8  # over the target: the batch that missed it, less 1/8

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
-from edgeacc_ray.engine.kv.block_manager import BlockManager
-from edgeacc_ray.engine.request.sequence import Sequence, SequenceStatus
+from edgeacc_ray.engine.kv import BlockManager
+from edgeacc_ray.engine.request import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
-    from edgeacc_ray.engine.kv.tier import HierarchicalCache
+    from edgeacc_ray.engine.kv import HierarchicalCache
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.scheduling.scheduler import Scheduler
-    from edgeacc_ray.engine.request.sequence import Sequence
+    from edgeacc_ray.engine.request import Sequence
 
 DEFAULT_STEP_S = 0.05  # time per decode step before one is measured and without a TPOT target
 STEP_EWMA = 0.2

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillTask
-from edgeacc_ray.engine.request.sequence import Sequence
-from edgeacc_ray.engine.kv.unified_storage import StorageSpec
+from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.kv import StorageSpec
 
 
 class PrefillExecutor(Protocol):

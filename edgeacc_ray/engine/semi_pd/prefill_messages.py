@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgeacc_ray.engine.request.errors import EngineUnavailable
-from edgeacc_ray.engine.request.outputs import TokenLogprob
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
-from edgeacc_ray.engine.kv.unified_storage import StorageSpec
+from edgeacc_ray.engine.request import EngineUnavailable
+from edgeacc_ray.engine.request import TokenLogprob
+from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.kv import StorageSpec
 
 
 @dataclass

@@ -9,17 +9,17 @@ import time
 
 import torch
 
-from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplitFollower
-from edgeacc_ray.engine.kv.cuda_ipc_storage import CudaMappedStorage, CudaStorageSpec, map_cuda_storage
-from edgeacc_ray.engine.hardware.device import CudaRunnerOptions, resolve_attention
-from edgeacc_ray.engine.runner.model_runner import ModelRunner
+from edgeacc_ray.engine.split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.kv import CudaMappedStorage, CudaStorageSpec, map_cuda_storage
+from edgeacc_ray.engine.hardware import CudaRunnerOptions, resolve_attention
+from edgeacc_ray.engine.runner import ModelRunner
 from edgeacc_ray.engine.semi_pd.prefill_messages import (PrefillBatch, PrefillBatchResult, PrefillResult, PrefillTask,
                                                  StorageProbe)
-from edgeacc_ray.engine.sampling.sampler import sample
-from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch
-from edgeacc_ray.engine.request.sequence import Sequence
-from edgeacc_ray.engine.split.sm_split import SmSplitFollower, SmSplitReport, start_follower
-from edgeacc_ray.engine.kv.unified_storage import MappedStorage, StorageSpec, map_storage
+from edgeacc_ray.engine.sampling import sample
+from edgeacc_ray.engine.scheduling import ScheduledBatch
+from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.split import SmSplitFollower, SmSplitReport, start_follower
+from edgeacc_ray.engine.kv import MappedStorage, StorageSpec, map_storage
 
 
 class PrefillWorker:

@@ -14,10 +14,10 @@ _worker = None
 def _start(max_num_batched_tokens: int, mps_share: int | None) -> None:
     global _worker
     if mps_share is not None:  # before anything starts CUDA in this child: MPS reads it once
-        from edgeacc_ray.engine.split.sm_split import set_mps_share
+        from edgeacc_ray.engine.split import set_mps_share
 
         set_mps_share(mps_share)
-    from edgeacc_ray.engine.hardware.cpu import configure_cpu
+    from edgeacc_ray.engine.hardware import configure_cpu
     from edgeacc_ray.engine.semi_pd.prefill_worker import PrefillWorker
 
     configure_cpu(1)

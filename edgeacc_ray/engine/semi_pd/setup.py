@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 
 from edgeacc_ray.config.engine import SemiPDConfig
-from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplitFollower
-from edgeacc_ray.engine.split.split_controller import SplitController
-from edgeacc_ray.engine.kv.unified_storage import MappedStorage, StorageSpec, export
+from edgeacc_ray.engine.split import ControlBlock, CoreSplitFollower
+from edgeacc_ray.engine.split import SplitController
+from edgeacc_ray.engine.kv import MappedStorage, StorageSpec, export
 from edgeacc_ray.models.qwen3 import CausalLM
 
 
@@ -29,8 +29,8 @@ def start_semi_pd(model: CausalLM, kv_shape: tuple[int, ...], model_path: str, d
     """Move the model and a pool of `kv_shape` into shared storage and start the decode side's split.
     `live_decode_split=False` keeps the decode process at its start SM share (CUDA graphs)."""
     if device == "cuda":
-        from edgeacc_ray.engine.kv.cuda_ipc_storage import export_cuda
-        from edgeacc_ray.engine.split.sm_split import SM_UNITS, start_follower
+        from edgeacc_ray.engine.kv import export_cuda
+        from edgeacc_ray.engine.split import SM_UNITS, start_follower
 
         storage = export_cuda(model, kv_shape)
         control = ControlBlock(storage.control)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeacc_ray.engine.hardware.cpu import use_cores
+from edgeacc_ray.engine.hardware import use_cores
 
 _EPOCH, _PREFILL, _DECODE = 0, 1, 2
 

@@ -20,7 +20,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from edgeacc_ray.engine.request.errors import TensorParallelFailure
+from edgeacc_ray.engine.request import TensorParallelFailure
 from edgeacc_ray.engine.tp.messages import StepKind
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from edgeacc_ray.engine.request.errors import TensorParallelFailure
+from edgeacc_ray.engine.request import TensorParallelFailure
 from edgeacc_ray.engine.tp.group import TPGroup, host_store
 from edgeacc_ray.engine.tp.messages import RankInfo, StepInputs, StepKind, WorkerSpec
 from edgeacc_ray.models.attention import AttentionMetadata

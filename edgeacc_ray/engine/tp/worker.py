@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from edgeacc_ray.engine.runner.model_runner import ModelRunner
-from edgeacc_ray.engine.hardware.cpu import configure_cpu, restore_priority
+from edgeacc_ray.engine.runner import ModelRunner
+from edgeacc_ray.engine.hardware import configure_cpu, restore_priority
 from edgeacc_ray.engine.tp.group import TPGroup, connect_store
 from edgeacc_ray.engine.tp.messages import RankInfo, StepInputs, StepKind, WorkerSpec
 from edgeacc_ray.models.loader import load_model

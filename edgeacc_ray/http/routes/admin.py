@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 import edgeacc_ray
-from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.http import metrics
 from edgeacc_ray.http.context import ApiContext
 from edgeacc_ray.http.engine_request import EngineRequest
