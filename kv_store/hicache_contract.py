@@ -91,7 +91,7 @@ class HiCacheStorage(ABC):
                 return index
         return len(keys)
 
-    def clear(self) -> None:
+    def clear(self) -> None:  # noqa: B027 (optional to override, like SGLang's)
         """Drop everything (SGLang's default: nothing)."""
 
     def get_stats(self) -> Any:

@@ -110,7 +110,7 @@ def test_killed_decode_server_gives_clean_errors_and_leaves_no_segment(url):
     os.kill(replica_pid(APP, "DecodeServer"), signal.SIGKILL)
     for t in threads:
         t.join(120)
-    for tokens, error in results.values():
+    for _tokens, error in results.values():
         assert error is not None  # every stream ended with an error, none hung
         assert "Actor" not in error and "pid" not in error.lower()
     wait_serving(url, 180)

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 from edgeacc_ray.config.engine import EngineConfig, EngineSettings, SemiPDConfig
 from edgeacc_ray.config.replicas import EngineScaling, IngressScaling
 from edgeacc_ray.config.sglang import SGLangSettings, check_sglang, sglang_semi_pd_default
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Variables of the EdgeAcc-SGLang Docker image -> fields.
 IMAGE_ENV_VARS: dict[str, str] = {

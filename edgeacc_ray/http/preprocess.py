@@ -305,7 +305,7 @@ class Preprocessor:
             params = self._sglang_params(sp, max_new, top if ret else None)
             if ret and start >= 0:  # the prompt's logprobs from `start` on
                 params.prompt_logprobs, params.prompt_logprobs_start = top, start
-            for i in range(sp.n):  # SGLang expands n into separate batch entries
+            for _ in range(sp.n):  # SGLang expands n into separate batch entries
                 prepared.append(PreparedPrompt(ids, params, return_logprob=bool(ret), top_logprobs_num=int(top or 0),
                                                rid=rid if sp.n == 1 else None))
         return Prepared(prepared, 1, names, batch=batch or len(prepared) > 1)

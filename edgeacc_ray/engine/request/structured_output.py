@@ -58,7 +58,7 @@ class GrammarCompiler:
             raise InvalidRequest("structured", f"the {so.kind} cannot be used: {matcher.get_error()}")
         return matcher
 
-    @functools.lru_cache(maxsize=CACHE_SIZE)
+    @functools.lru_cache(maxsize=CACHE_SIZE)  # noqa: B019 (one compiler per engine, kept for its life)
     def _grammar(self, so: StructuredOutput) -> str:
         import llguidance
 
