@@ -31,7 +31,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 import deployments.replica_registry as registry
-from edgeacc_ray.engine.kv import page_key
+from edgeacc_ray.prefix_keys import full_page_keys
 
 PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
 MAX_UNROUTED = 4096
@@ -48,12 +48,8 @@ class PrefixAffinity:
 
     def keys(self, prompt_token_ids: list[int]) -> list[bytes]:
         """The prefix cache's keys of the prompt's full pages (at most `max_pages`)."""
-        keys, parent = [], b""
         full = min(len(prompt_token_ids) // self.page_size, self.max_pages)
-        for i in range(full):
-            parent = page_key(parent, prompt_token_ids[i * self.page_size:(i + 1) * self.page_size])
-            keys.append(parent)
-        return keys
+        return list(full_page_keys(prompt_token_ids, self.page_size, 0, full))
 
     def longest_owner(self, keys: list[bytes], alive: set[str]) -> tuple[str | None, int]:
         """The live replica that took the deepest of `keys`, and how many pages deep."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence as Seq
 
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.hardware import resolve_device
 from edgeacc_ray.engine.request import EngineOverloaded
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request import CompletionOutput
+from edgeacc_ray.engine.request import CompletionOutput, RequestOutput, merge_outputs
 from edgeacc_ray.engine.semi_pd import ProcessPrefillExecutor
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.split import prefill_mps_share
@@ -73,8 +73,7 @@ class LLM:
         except EngineOverloaded:  # queue bounds asked for: take back what was queued
             self._abort(request_ids)
             raise
-        results: dict[str, CompletionOutput] = {
-            rid: CompletionOutput(rid, tokens, [], "", None) for rid, tokens in zip(request_ids, token_lists)}
+        merged: dict[str, RequestOutput | None] = dict.fromkeys(request_ids)
         while self.engine.has_unfinished():
             if self.engine.waiting_on_io():
                 self.engine.wait_io()
@@ -84,17 +83,8 @@ class LLM:
                 self._abort(request_ids)
                 raise next(iter(failures.values()))
             for out in outputs:
-                result = results[out.request_id]
-                result.token_ids.extend(out.token_ids)
-                result.text += out.text
-                if out.logprobs is not None:
-                    result.logprobs = (result.logprobs or []) + out.logprobs
-                if out.prompt_logprobs is not None:
-                    result.prompt_logprobs = out.prompt_logprobs
-                if out.finished:
-                    result.finish_reason, result.stop_reason = out.finish_reason, out.stop_reason
-                    result.num_cached_tokens = out.num_cached_tokens
-        return [results[rid] for rid in request_ids]
+                merged[out.request_id] = merge_outputs(merged[out.request_id], out)
+        return [_completion(rid, tokens, merged[rid]) for rid, tokens in zip(request_ids, token_lists)]
 
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -108,3 +98,12 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
                    for c in conversations]
         return self.generate(prompts, sampling_params)
+
+
+def _completion(request_id: str, prompt_token_ids: list[int], out: RequestOutput | None) -> CompletionOutput:
+    """A finished request's merged chunks as `generate` returns them."""
+    if out is None:
+        return CompletionOutput(request_id, prompt_token_ids, [], "", None)
+    return CompletionOutput(
+        request_id, prompt_token_ids, list(out.token_ids), out.text, out.finish_reason, out.stop_reason,
+        logprobs=out.logprobs, num_cached_tokens=out.num_cached_tokens, prompt_logprobs=out.prompt_logprobs)

@@ -7,7 +7,7 @@ import numpy as np
 import ray
 
 ROOT: bytes = b""
-"""The parent of a chain's first page (the engine's `block_manager.ROOT_KEY`)."""
+"""The parent of a chain's first page (the engine's `prefix_keys.ROOT_KEY`)."""
 
 
 @dataclass(frozen=True)

@@ -174,7 +174,7 @@ def step_hf(s: Setup) -> list[Row]:
 
 
 def step_semi_pd(s: Setup) -> list[Row]:
-    from edgeacc_ray.config.engine import SemiPDConfig
+    from edgeacc_ray.config import SemiPDConfig
     from edgeacc_ray.engine.runner import kv_page_bytes
     from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillTask
     from edgeacc_ray.engine.semi_pd import page_sums
@@ -237,7 +237,7 @@ def _timed(llm, prompts, params) -> tuple[float, int, int]:
 
 
 def step_throughput(s: Setup) -> list[Row]:
-    from edgeacc_ray.config.engine import SemiPDConfig
+    from edgeacc_ray.config import SemiPDConfig
     from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 

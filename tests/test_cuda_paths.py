@@ -16,7 +16,7 @@ import pickle
 import pytest
 import torch
 
-from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplit
 from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, bucket, page_buckets
 from edgeacc_ray.engine.kv.cuda_ipc_storage import (CUDA_ALIGN, CudaArenaManifest, CudaIpcHandle, CudaIpcUnavailable,

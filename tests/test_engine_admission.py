@@ -9,7 +9,7 @@ import random
 import pytest
 
 from edgeacc_ray.engine.scheduling import AdmissionPolicy
-from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import InvalidRequest
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.scheduling import RunningBound

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.request import SequenceStatus
 from edgeacc_ray.http.metrics import render

@@ -15,7 +15,7 @@ import pytest
 
 from edgeacc_ray.engine.scheduling import queue_bounds
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, QueueTimeout
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.scheduling.queue_bounds import DrainRate, QueueBounds

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.request import SequenceStatus

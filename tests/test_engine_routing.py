@@ -14,7 +14,7 @@ import pytest
 from deployments.autoscaling_policy import EngineScalingPolicy, autoscaling_signals
 from deployments.engine_router import AFFINE_ATTEMPTS, EngineRouter, PrefixAffinity
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.kv import page_key
+from edgeacc_ray.prefix_keys import page_key
 from edgeacc_ray.engine.request import combine_stats
 from edgeacc_ray.engine.request import LatencyMetrics
 from edgeacc_ray.engine.request import EngineStats

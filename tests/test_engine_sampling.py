@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.llm_engine import LLMEngine
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM

@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from edgeacc_ray.engine.kv.block_manager import ROOT_KEY, page_key
+from edgeacc_ray.prefix_keys import ROOT_KEY, page_key
 from kv_store import ROOT, KVTierClient, ModelIdentity
 from kv_store.messages import ChainSegment, PutBatch
 from kv_store.page_codec import pack_pages

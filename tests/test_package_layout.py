@@ -4,6 +4,8 @@ tested) knowing only the packages below it. Read statically from the source; imp
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,3 +106,12 @@ def test_the_library_does_not_import_the_deployments():
     library = [package for package in graph if package.startswith(("edgeacc_ray", "kv_store"))]
     for package in library:
         assert not {p for p in graph[package] if p.startswith(("deployments", "benchmarks"))}, package
+
+
+def test_the_router_hashes_prompts_without_torch():
+    code = (
+        "import sys; from deployments.engine_router import PrefixAffinity; "
+        "assert PrefixAffinity(4, 8, 16).keys(list(range(9)))[1]; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.config import SemiPDConfig
 from edgeacc_ray.engine.request import InvalidRequest
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM

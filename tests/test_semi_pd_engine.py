@@ -10,7 +10,7 @@ import re
 import signal
 
 import pytest
-from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.config import SemiPDConfig
 from edgeacc_ray.engine.runner import kv_page_bytes
 from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillFailed, PrefillTask
 from edgeacc_ray.engine.request import SamplingParams

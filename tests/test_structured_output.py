@@ -15,7 +15,7 @@ import pytest
 
 from edgeacc_ray import LLM, SamplingParams
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.config import SemiPDConfig
 from edgeacc_ray.engine.request import InvalidRequest
 from edgeacc_ray.engine.request import StructuredOutput
 from serve_helpers import local_app

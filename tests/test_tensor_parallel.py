@@ -14,7 +14,7 @@ import pytest
 
 from edgeacc_ray.config import ConfigError, ServeConfig
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.config.engine import EngineConfig, SemiPDConfig
+from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import EngineUnavailable, TensorParallelFailure
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM

@@ -5,23 +5,45 @@ and the serving config (`edgeacc_ray.config.ServeConfig`) both extend it, so no 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 
-@dataclass(frozen=True)
-class SemiPDConfig:
-    """Semi-PD settings of the decode side (DESIGN §4): how prompts go to the prefill process, which
-    cores the pair splits, and the targets that move the split."""
+class SemiPDSettings(BaseModel):
+    """Semi-PD's tunables (pd_mode semi_pd), with their one default and range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill_batch_tokens: int = Field(512, ge=1, description="prompt tokens per batch sent to the prefill server")
+    max_prefill_batches_in_flight: int = Field(2, ge=1)
+    ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
+    lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
+
+
+class SemiPDConfig(SemiPDSettings):
+    """Semi-PD settings of the decode side: how prompts go to the prefill process, which cores the
+    pair splits, and the targets that move the split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     cores: tuple[int, ...] = ()  # cores the pair splits; empty: every core this process may use
-    prefill_batch_tokens: int = 512  # prompt tokens per batch sent to the prefill process
-    max_prefill_batches_in_flight: int = 2
-    ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 100.0
-    lend_idle_cores: bool = True  # a phase with no work lends its cores to the other
+
+
+def tensor_parallel_refusal(tensor_parallel_size: int, semi_pd: bool, tier: bool) -> str | None:
+    """Why the native engine's tensor parallelism cannot run with these settings (it covers the
+    colocated engine without the KV tier), or None. The one copy of the rule: EngineConfig and
+    the serving config both ask it."""
+    if tensor_parallel_size <= 1:
+        return None
+    if semi_pd:
+        return (f"tensor_parallel_size={tensor_parallel_size}: semi_pd runs on one rank in this build; use "
+                "tensor_parallel_size=1 or no semi_pd (pd_mode='colocated')")
+    if tier:
+        return (f"tensor_parallel_size={tensor_parallel_size}: the KV offload tier "
+                "(enable_hierarchical_cache) runs on one rank's pool; turn one of them off")
+    return None
 
 
 class EngineSettings(BaseModel):
@@ -111,10 +133,8 @@ class EngineConfig(EngineSettings):
     @model_validator(mode="after")
     def _tensor_parallel_alone(self) -> "EngineConfig":
         """The native engine's tensor parallelism covers the colocated engine without the KV tier."""
-        if self.tensor_parallel_size > 1 and self.semi_pd is not None:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: semi_pd runs on one rank in "
-                             "this build; use tensor_parallel_size=1 or no semi_pd")
-        if self.tensor_parallel_size > 1 and self.enable_hierarchical_cache:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the KV offload tier "
-                             "(enable_hierarchical_cache) runs on one rank's pool; turn one of them off")
+        refusal = tensor_parallel_refusal(
+            self.tensor_parallel_size, self.semi_pd is not None, self.enable_hierarchical_cache)
+        if refusal is not None:
+            raise ValueError(refusal)
         return self

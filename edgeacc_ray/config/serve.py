@@ -16,7 +16,8 @@ import os
 import re
 from typing import Any, Literal, Mapping
 
-from edgeacc_ray.config.engine import EngineConfig, EngineSettings, SemiPDConfig
+from edgeacc_ray.config.engine import (EngineConfig, EngineSettings, SemiPDConfig, SemiPDSettings,
+                                       tensor_parallel_refusal)
 from edgeacc_ray.config.replicas import EngineScaling, IngressScaling
 from edgeacc_ray.config.sglang import SGLangSettings, check_sglang, sglang_semi_pd_default
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,7 +43,7 @@ class ConfigError(ValueError):
     """Invalid serving settings; the message names each bad field and where it came from."""
 
 
-class ServeConfig(EngineSettings):
+class ServeConfig(EngineSettings, SemiPDSettings):
     """Everything `build_app` needs: what to serve, how to expose it, engine knobs, Ray placement."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -74,11 +75,8 @@ class ServeConfig(EngineSettings):
         "colocated", description="colocated: one engine does both phases; semi_pd: prefill and decode deployments "
         "on shares of the same device, one pool and one copy of the weights")
 
-    # Semi-PD (pd_mode semi_pd). On CPU the pair splits engine_cpu_cores (default: every core).
-    prefill_batch_tokens: int = Field(512, ge=1, description="prompt tokens per batch sent to the prefill server")
-    max_prefill_batches_in_flight: int = Field(2, ge=1)
-    ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
-    lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
+    # Semi-PD (pd_mode semi_pd): its tunables are `SemiPDSettings`, inherited. On CPU the pair
+    # splits engine_cpu_cores (default: every core).
 
     # Engine (the tunables themselves are `EngineSettings`, inherited).
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -133,12 +131,11 @@ class ServeConfig(EngineSettings):
             raise ValueError("engine_replicas: semi_pd pairs are not autoscaled in this build (the prefill and decode "
                              "deployments would scale apart); set min_replicas == max_replicas")
         if self.backend == "native" and self.tensor_parallel_size > 1:
-            if self.pd_mode == "semi_pd":
-                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the native engine's semi_pd runs "
-                                 "on one rank in this build; use pd_mode='colocated' with tensor parallelism")
-            if self.enable_hierarchical_cache:  # EngineConfig refuses it too; here it names the source
-                raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: the KV offload tier "
-                                 "(enable_hierarchical_cache) runs on one rank's pool; turn one of them off")
+            # checked here too, before engine_config(), so the error names where the setting came from
+            refusal = tensor_parallel_refusal(
+                self.tensor_parallel_size, self.pd_mode == "semi_pd", self.enable_hierarchical_cache)
+            if refusal is not None:
+                raise ValueError(refusal)
             if self.engine_device() == "cuda" and self.engine_num_gpus != 1:
                 raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: each rank needs a whole GPU; "
                                  f"set engine_num_gpus=1 (got {self.engine_num_gpus})")
@@ -177,10 +174,8 @@ class ServeConfig(EngineSettings):
     def engine_config(self) -> EngineConfig:
         """The engine's settings: the inherited tunables, the device resolved, Semi-PD's from pd_mode."""
         semi_pd = SemiPDConfig(
-            cores=tuple(self.engine_cpu_cores or ()), prefill_batch_tokens=self.prefill_batch_tokens,
-            max_prefill_batches_in_flight=self.max_prefill_batches_in_flight, ttft_slo_ms=self.ttft_slo_ms,
-            tpot_slo_ms=self.tpot_slo_ms if self.tpot_slo_ms is not None else math.inf,
-            lend_idle_cores=self.lend_idle_cores)
+            **self.model_dump(include=set(SemiPDSettings.model_fields)), cores=tuple(self.engine_cpu_cores or ()),
+            tpot_slo_ms=self.tpot_slo_ms if self.tpot_slo_ms is not None else math.inf)
         return EngineConfig(**self.model_dump(include=set(EngineSettings.model_fields)), model=self.model,
                             device=self.engine_device(), semi_pd=semi_pd if self.pd_mode == "semi_pd" else None)
 

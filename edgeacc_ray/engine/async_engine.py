@@ -15,10 +15,10 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, Callable
 
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request import EngineStats, RequestOutput
+from edgeacc_ray.engine.request import EngineStats, RequestOutput, merge_outputs
 from edgeacc_ray.engine.semi_pd import PrefillExecutor
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.kv import StorageSpec
@@ -115,7 +115,7 @@ class AsyncLLMEngine:
             while True:
                 if isinstance(item, BaseException):
                     raise item
-                merged = item if merged is None else _merge(merged, item)
+                merged = merge_outputs(merged, item)
                 if chunks.empty():
                     break
                 item = chunks.get_nowait()
@@ -190,13 +190,3 @@ class AsyncLLMEngine:
             loop, chunks = stream
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """b follows a: concatenate the new tokens, text and logprobs; take b's status and counts."""
-    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
-    return RequestOutput(
-        request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finished=b.finished,
-        finish_reason=b.finish_reason, stop_reason=b.stop_reason, logprobs=logprobs,
-        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-        num_prompt_tokens=b.num_prompt_tokens, num_cached_tokens=b.num_cached_tokens,
-        num_output_tokens=b.num_output_tokens)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edgeacc_ray.engine.kv import BlockManager
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import IncrementalDetokenizer
 from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.hardware import CudaRunnerOptions, DevicePlan

@@ -8,35 +8,10 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Mapping
 
-from edgeacc_ray.engine.request import RequestOutput
+from edgeacc_ray.engine.request import RequestOutput, merge_outputs
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.http.engine_interface import EngineClient
 from edgeacc_ray.http.errors import APIError, from_engine_error
-
-
-class Collected:
-    """A finished choice, accumulated from chunks."""
-
-    __slots__ = ("text", "token_ids", "logprobs", "prompt_logprobs", "finish_reason", "stop_reason",
-                 "num_prompt_tokens", "num_cached_tokens")
-
-    def __init__(self) -> None:
-        self.text, self.token_ids, self.logprobs = "", [], []
-        self.prompt_logprobs = None
-        self.finish_reason = self.stop_reason = None
-        self.num_prompt_tokens = self.num_cached_tokens = 0
-
-    def add(self, chunk: RequestOutput) -> None:
-        self.text += chunk.text
-        self.token_ids.extend(chunk.token_ids)
-        if chunk.logprobs:
-            self.logprobs.extend(chunk.logprobs)
-        if chunk.prompt_logprobs is not None:
-            self.prompt_logprobs = chunk.prompt_logprobs
-        self.num_prompt_tokens = chunk.num_prompt_tokens or self.num_prompt_tokens
-        self.num_cached_tokens = chunk.num_cached_tokens or self.num_cached_tokens
-        if chunk.finished:
-            self.finish_reason, self.stop_reason = chunk.finish_reason, chunk.stop_reason
 
 
 class EngineRequest:
@@ -81,11 +56,12 @@ class EngineRequest:
         """Abort the request if it is still running (a no-op once it finished)."""
         await self._chunks.aclose()
 
-    async def collect(self) -> Collected:
-        out = Collected()
+    async def collect(self) -> RequestOutput:
+        """The whole output: every chunk merged."""
+        out = None
         async for chunk in self:
-            out.add(chunk)
-        return out
+            out = merge_outputs(out, chunk)
+        return out if out is not None else RequestOutput(self.request_id, [], "")
 
 
 async def start_all(requests: list[EngineRequest]) -> None:
@@ -97,7 +73,7 @@ async def start_all(requests: list[EngineRequest]) -> None:
         raise errors[0]
 
 
-async def collect_all(requests: list[EngineRequest]) -> list[Collected]:
+async def collect_all(requests: list[EngineRequest]) -> list[RequestOutput]:
     """Run every request to the end; when one fails (or the caller is cancelled), stop the others."""
     tasks = [asyncio.ensure_future(r.collect()) for r in requests]
     try:

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, AsyncIterator, Callable
 
 from edgeacc_ray.engine.async_engine import AsyncLLMEngine
-from edgeacc_ray.config.engine import EngineConfig
+from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import EngineStats, RequestOutput
 from edgeacc_ray.engine.request import SamplingParams
 

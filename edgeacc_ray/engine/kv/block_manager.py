@@ -8,20 +8,11 @@ until a new allocation needs them; the least recently released goes first. With 
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-import numpy as np
-
 from edgeacc_ray.engine.request import Sequence
-
-ROOT_KEY = b""
-
-
-def page_key(parent: bytes, token_ids: list[int]) -> bytes:
-    data = parent + np.asarray(token_ids, dtype=np.int64).tobytes()
-    return hashlib.blake2b(data, digest_size=16).digest()
+from edgeacc_ray.prefix_keys import full_page_keys
 
 
 @dataclass
@@ -64,16 +55,14 @@ class BlockManager:
         positions it needs computed for prompt logprobs: `seq.num_cacheable_tokens`)."""
         if not self.enable_prefix_caching:
             return
-        tokens, size, parent = seq.token_ids, self.page_size, ROOT_KEY
-        for start in range(0, seq.num_cacheable_tokens - size + 1, size):
-            key = page_key(parent, tokens[start:start + size])
+        size = self.page_size
+        for key in full_page_keys(seq.token_ids, size, 0, seq.num_cacheable_tokens // size):
             page = self.page_of_key.get(key)
             if page is None:
                 break
             self._acquire(page)
             seq.page_table.append(page)
             seq.page_keys.append(key)
-            parent = key
         seq.num_computed_tokens = len(seq.page_table) * size
         if seq.num_output_tokens == 0:  # a preempted sequence keeps the count of its first admission
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -94,10 +83,9 @@ class BlockManager:
             return
         size = self.page_size
         run: NewPages | None = None
-        while (len(seq.page_keys) + 1) * size <= seq.num_computed_tokens:
-            index = len(seq.page_keys)
-            parent = seq.page_keys[-1] if seq.page_keys else ROOT_KEY
-            key = page_key(parent, seq.token_ids[index * size:(index + 1) * size])
+        start, end = len(seq.page_keys), seq.num_computed_tokens // size
+        for index, key in enumerate(full_page_keys(seq.token_ids, size, start, end, seq.last_page_key), start):
+            parent = seq.last_page_key
             seq.page_keys.append(key)
             page = seq.page_table[index]
             if key in self.page_of_key or self.key_of_page[page] is not None:

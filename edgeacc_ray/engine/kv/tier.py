@@ -33,9 +33,10 @@ from typing import Callable
 import ray
 import torch
 
-from edgeacc_ray.engine.kv.block_manager import ROOT_KEY, BlockManager, page_key
+from edgeacc_ray.engine.kv.block_manager import BlockManager
 from edgeacc_ray.engine.request import HiCacheStats
 from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.prefix_keys import full_page_keys
 from kv_store import KVTierClient, ModelIdentity, TierStats
 
 MIN_LOAD_PAGES = 2  # fewer pages are computed: a read costs a store round trip and a step of waiting
@@ -130,10 +131,7 @@ class HierarchicalCache:
         start, end = len(seq.page_table), seq.num_cacheable_tokens // size
         if end - start < MIN_LOAD_PAGES:
             return False
-        parent, keys = seq.page_keys[-1] if seq.page_keys else ROOT_KEY, []
-        for index in range(start, end):
-            parent = page_key(parent, seq.token_ids[index * size:(index + 1) * size])
-            keys.append(parent)
+        keys = list(full_page_keys(seq.token_ids, size, start, end, seq.last_page_key))
         future = self.client.load_async(keys)
         future.add_done_callback(self._loaded)
         seq.prefix_load = PrefixLoad(start, keys, future)

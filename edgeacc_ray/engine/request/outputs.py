@@ -39,6 +39,22 @@ class RequestOutput:
     num_output_tokens: int = 0  # total so far, including this chunk
 
 
+def merge_outputs(a: RequestOutput | None, b: RequestOutput) -> RequestOutput:
+    """b follows a (None: nothing yet): concatenate the new tokens, text and logprobs; take b's
+    status, and b's counts where it has them. The one way chunks are merged, by the async engine,
+    the HTTP layer and the offline `LLM`."""
+    if a is None:
+        return b
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return RequestOutput(
+        request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finished=b.finished,
+        finish_reason=b.finish_reason, stop_reason=b.stop_reason, logprobs=logprobs,
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        num_prompt_tokens=b.num_prompt_tokens or a.num_prompt_tokens,
+        num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens,
+        num_output_tokens=b.num_output_tokens)
+
+
 @dataclass
 class CompletionOutput:
     """A finished request, as the offline `LLM.generate` returns it."""

@@ -9,6 +9,7 @@ import torch
 
 from edgeacc_ray.engine.request.outputs import TokenLogprob
 from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.prefix_keys import ROOT_KEY
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.kv import PrefixLoad
@@ -57,6 +58,11 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(self.params.seed)
         if self.params.prompt_logprobs is not None:  # the start token's entry is None (nothing before it scored)
             self.prompt_logprobs_base, self.prompt_logprobs = self.params.prompt_logprobs_start, [None]
+
+    @property
+    def last_page_key(self) -> bytes:
+        """The key of the last keyed page: the parent of the next page's key."""
+        return self.page_keys[-1] if self.page_keys else ROOT_KEY
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
 from edgeacc_ray.engine.kv import BlockManager
@@ -89,24 +89,13 @@ class Scheduler:
         if self.remote_prefill:
             return ScheduledBatch(items=singles + chunks, num_decode=len(singles),
                                   prefills=self._admit_for_prefill(prefill_token_budget))
-        committed = self._committed_if_room()
-        while committed is not None and self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if not seq.page_table:
-                self.block_manager.match_prefix(seq)
-            if not self._admit(seq, committed):
-                break
-            if self._start_load(seq):
-                committed += self.admission.pages_to_come(seq)
-                continue
-            n = min(seq.num_uncomputed_tokens, budget)
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)  # within its reservation: fits
-            committed += self.admission.pages_to_come(seq)
+
+        def run(seq: Sequence, n: int) -> None:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             (singles if n == 1 else chunks).append((seq, n))
-            budget -= n
-        self.blocked = bool(self.waiting)
+
+        self._admit_waiting(budget, whole_prompts=False, started=False, start=run)
         return ScheduledBatch(items=singles + chunks, num_decode=len(singles))
 
     def committed_pages(self) -> int:
@@ -169,13 +158,28 @@ class Scheduler:
             self.prefilling.append(seq)
             admitted.append(seq)
             budget -= seq.num_uncomputed_tokens
+
+        def send(seq: Sequence, n: int) -> None:
+            seq.status = SequenceStatus.PREFILLING
+            self.prefilling.append(seq)
+            admitted.append(seq)
+
+        self._admit_waiting(budget, whole_prompts=True, started=bool(admitted), start=send)
+        return admitted
+
+    def _admit_waiting(self, budget: int, whole_prompts: bool, started: bool,
+                       start: Callable[[Sequence, int], None]) -> None:
+        """The one admission loop: take sequences from the head of the queue while the running bound,
+        the page reservations and `budget` (tokens) allow, and hand each that computes now to
+        `start(seq, tokens)`; one whose prefix is read from the tier goes to `loading` instead.
+        `whole_prompts` (remote prefill): a sequence computes all its tokens at once, and none
+        past the budget joins a step that `started` with another."""
         committed = self._committed_if_room()
         while committed is not None and self.waiting and budget > 0:
             seq = self.waiting[0]
             if not seq.page_table:
                 self.block_manager.match_prefix(seq)
-            n = seq.num_uncomputed_tokens
-            if admitted and n > budget:
+            if whole_prompts and started and seq.num_uncomputed_tokens > budget:
                 self.block_manager.free(seq)
                 break
             if not self._admit(seq, committed):
@@ -183,14 +187,13 @@ class Scheduler:
             if self._start_load(seq):
                 committed += self.admission.pages_to_come(seq)
                 continue
-            self.block_manager.allocate(seq, seq.num_tokens)  # within its reservation: fits
+            n = seq.num_uncomputed_tokens if whole_prompts else min(seq.num_uncomputed_tokens, budget)
+            self.block_manager.allocate(seq, seq.num_computed_tokens + n)  # within its reservation: fits
             committed += self.admission.pages_to_come(seq)
-            seq.status = SequenceStatus.PREFILLING
-            self.prefilling.append(seq)
-            admitted.append(seq)
+            start(seq, n)
+            started = True
             budget -= n
         self.blocked = bool(self.waiting)
-        return admitted
 
     def prefill_done(self, seq: Sequence) -> None:
         """The prefill process filled seq's pages: it joins the decode batch."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from edgeacc_ray.config.engine import SemiPDConfig
+from edgeacc_ray.config import SemiPDConfig
 from edgeacc_ray.engine.split import ControlBlock, CoreSplitFollower
 from edgeacc_ray.engine.split import SplitController
 from edgeacc_ray.engine.kv import MappedStorage, StorageSpec, export

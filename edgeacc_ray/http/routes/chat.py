@@ -40,7 +40,7 @@ def router(ctx: ApiContext) -> APIRouter:
                     message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             choice = {"index": i, "message": message,
-                      "logprobs": ({"content": chat_logprobs(res.logprobs, ctx.pre.token_text, top_n)}
+                      "logprobs": ({"content": chat_logprobs(res.logprobs or [], ctx.pre.token_text, top_n)}
                                    if top_n is not None else None),
                       "finish_reason": finish_reason}
             if res.stop_reason is not None and finish_reason != "tool_calls":

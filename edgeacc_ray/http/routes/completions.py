@@ -36,7 +36,7 @@ def router(ctx: ApiContext) -> APIRouter:
             echo, prompt_ids = echoes[i // n], prepared.prompts[i // n].ids
             logprobs = None
             if req.logprobs is not None:
-                logprobs = completion_logprobs(res.logprobs, ctx.pre.token_text, req.logprobs, len(echo))
+                logprobs = completion_logprobs(res.logprobs or [], ctx.pre.token_text, req.logprobs, len(echo))
                 if req.echo:
                     logprobs = join_logprobs(echo_logprobs(prompt_ids, res.prompt_logprobs or [], ctx.pre.token_text,
                                                            req.logprobs), logprobs)

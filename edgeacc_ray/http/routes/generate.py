@@ -8,8 +8,9 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from edgeacc_ray.engine.request import RequestOutput, merge_outputs
 from edgeacc_ray.http.context import ApiContext
-from edgeacc_ray.http.engine_request import Collected, EngineRequest, collect_all, merge
+from edgeacc_ray.http.engine_request import EngineRequest, collect_all, merge
 from edgeacc_ray.http.logprobs import sglang_input_logprobs, sglang_logprobs
 from edgeacc_ray.http.preprocess import PreparedPrompt
 from edgeacc_ray.http.protocol.common import new_id
@@ -35,7 +36,7 @@ def router(ctx: ApiContext) -> APIRouter:
     return api
 
 
-def _result(ctx: ApiContext, r: EngineRequest, res: Collected, prompt: PreparedPrompt, t0: float,
+def _result(ctx: ApiContext, r: EngineRequest, res: RequestOutput, prompt: PreparedPrompt, t0: float,
             lp_text: bool) -> dict[str, Any]:
     last = res.token_ids[-1] if res.token_ids else None
     meta = {
@@ -51,17 +52,17 @@ def _result(ctx: ApiContext, r: EngineRequest, res: Collected, prompt: PreparedP
         text_of = ctx.pre.token_text if lp_text else None
         start = prompt.params.prompt_logprobs_start if prompt.params.prompt_logprobs is not None else -1
         meta.update(sglang_input_logprobs(prompt.ids, start, res.prompt_logprobs, text_of, prompt.top_logprobs_num))
-        meta.update(sglang_logprobs(res.logprobs, text_of, prompt.top_logprobs_num))
+        meta.update(sglang_logprobs(res.logprobs or [], text_of, prompt.top_logprobs_num))
     return {"text": res.text, "output_ids": list(res.token_ids), "meta_info": meta}
 
 
 async def _events(ctx: ApiContext, reqs: list[EngineRequest], prompts: list[PreparedPrompt], batch: bool,
                   t0: float, lp_text: bool) -> AsyncIterator[str]:
-    acc = [Collected() for _ in reqs]
+    acc: list[RequestOutput | None] = [None] * len(reqs)
     merged = merge(reqs)
     try:
         async for i, chunk in merged:
-            acc[i].add(chunk)
+            acc[i] = merge_outputs(acc[i], chunk)
             if not chunk.text and not chunk.finished and not chunk.logprobs:
                 continue
             out = _result(ctx, reqs[i], acc[i], prompts[i], t0, lp_text)
