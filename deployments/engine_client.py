@@ -29,7 +29,7 @@ from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, Inva
 from edgeacc_ray.engine.request import EngineStats, RequestOutput
 from edgeacc_ray.engine.request import SamplingParams
 
-__all__ = ["EngineClient", "InvalidRequest", "EngineUnavailable"]
+__all__ = ["ServeEngineClient", "InvalidRequest", "EngineUnavailable"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -74,7 +74,7 @@ class _ReplicaLink:
         self.request_ids: set[str] = set()
 
 
-class EngineClient:
+class ServeEngineClient:
     """The engine side seen from the Ingress."""
 
     def __init__(self, engine: DeploymentHandle, stream_mode: str = "multiplexed"):

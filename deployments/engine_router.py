@@ -15,7 +15,7 @@ Two jobs:
 
 Load is the larger of what each engine last reported through `record_routing_stats` (running + waiting +
 prefilling + loading) and the requests of this process it runs now (`replica_registry.in_flight`, kept by
-the EngineClient from submit to finish), plus the requests sent to it in the last `RECENT_SEND_S`, whose
+the ServeEngineClient from submit to finish), plus the requests sent to it in the last `RECENT_SEND_S`, whose
 submit has not returned yet: Serve's own queue length counts handle calls, and a multiplexed `submit`
 returns at once. The reports can be many seconds old (Serve pulls them on its reconcile loop); counting
 every request sent since the last one made a replica look busier with each sequential request, until a

@@ -2,7 +2,7 @@
 callers stream output back. `EngineServer` (colocated) and `DecodeServer` (Semi-PD) are this with
 different engines behind it.
 
-Two ways to stream a request's output back (DESIGN §5: every streamed Ray item costs ~0.5-1 ms of the
+Two ways to stream a request's output back (every streamed Ray item costs ~0.5-1 ms of the
 engine process's CPU, the process that also runs the model):
 
 - `generate(...)`: one streaming call per request (`handle.options(stream=True).generate.remote`);
@@ -33,7 +33,7 @@ logger = logging.getLogger("ray.serve")
 
 # Serve options every engine-side deployment (EngineServer, DecodeServer, PrefillServer) shares.
 ENGINE_REPLICA_OPTIONS: dict[str, Any] = dict(
-    ray_actor_options={"num_cpus": 0},  # DESIGN §5: Ray's default of 1 CPU per replica does not fit 2 cores
+    ray_actor_options={"num_cpus": 0},  # Ray's default of 1 CPU per replica does not fit a 2-core box
     health_check_period_s=10,
     health_check_timeout_s=60,
     graceful_shutdown_timeout_s=5,
@@ -43,7 +43,7 @@ ENGINE_REPLICA_OPTIONS: dict[str, Any] = dict(
 )
 
 
-# A caller (an Ingress replica's EngineClient) renews its lease every KEEPALIVE_INTERVAL_S; one that
+# A caller (an Ingress replica's ServeEngineClient) renews its lease every KEEPALIVE_INTERVAL_S; one that
 # stays silent for CALLER_LEASE_S is gone (a killed Ingress cancels nothing), and its requests are aborted.
 KEEPALIVE_INTERVAL_S = 0.5
 CALLER_LEASE_S = 5.0

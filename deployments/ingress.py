@@ -1,7 +1,7 @@
 """The HTTP entry deployment: the FastAPI app of `edgeacc_ray.http` over the engine side.
 
 Thin by design: the routes live in `edgeacc_ray.http`; this class only wires the app to Ray Serve and
-to an `EngineClient`, so the Ingress does not change with the engine side's layout (a colocated
+to a `ServeEngineClient`, so the Ingress does not change with the engine side's layout (a colocated
 `EngineServer`, or Semi-PD's `DecodeServer` with its `PrefillServer`).
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.engine_client import EngineClient
+from deployments.engine_client import ServeEngineClient
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.http.app import build_api
 
 
 @serve.deployment(
     name="Ingress",
-    ray_actor_options={"num_cpus": 0},  # DESIGN §5
+    ray_actor_options={"num_cpus": 0},  # Ray's default of 1 CPU per replica does not fit a 2-core box
     max_ongoing_requests=1024,
     graceful_shutdown_timeout_s=5,
 )
@@ -26,7 +26,7 @@ from edgeacc_ray.http.app import build_api
 class Ingress:
     def __init__(self, config: dict[str, Any], engine: DeploymentHandle, tokenizer_path: str):
         cfg = ServeConfig.model_validate(config)
-        self.api = build_api(cfg, EngineClient(engine, cfg.engine_stream_mode), tokenizer_path)
+        self.api = build_api(cfg, ServeEngineClient(engine, cfg.engine_stream_mode), tokenizer_path)
 
     def __serve_build_asgi_app__(self):
         return self.api

@@ -1,7 +1,7 @@
 """The engine's handle on its node's KV tier.
 
 Writes are fire-and-forget: `store_pages` queues and returns at once; one background thread packs
-queued pages into objects of about `object_bytes` (a put costs ~1 ms whatever its size, DESIGN §5)
+queued pages into objects of about `object_bytes` (a put costs ~1 ms whatever its size)
 and sends them. Reads wait at most `timeout_s`, so call them off the step loop (`load_async`).
 Every tier failure (store dead or restarting, object lost, bytes that fail their checksum, a
 timeout, a full queue) reads as a miss or a dropped write, never as an exception.

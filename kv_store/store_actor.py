@@ -1,7 +1,7 @@
 """The node's KV store: a long-lived Ray actor that owns packed page objects in the object store.
 
 The store `ray.put`s the bytes it is sent, so it owns them and they outlive the engine replica
-that produced them (an object dies with its owner; DESIGN §5). One store per node, found by name
+that produced them (an object dies with its owner). One store per node, found by name
 in its own namespace (any driver or replica on the node finds the same one), detached, and
 restarted by Ray if it dies: a restarted store is empty, which its clients see as misses.
 """

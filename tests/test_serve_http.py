@@ -389,14 +389,14 @@ def test_engine_client_modes_agree_and_abort(url, mode):
     """The Ingress's client of the engine side, used directly through a DeploymentHandle."""
     from ray import serve
 
-    from deployments.engine_client import EngineClient, InvalidRequest
+    from deployments.engine_client import ServeEngineClient, InvalidRequest
     from edgeacc_ray.engine.request import SamplingParams
 
     handle = serve.get_deployment_handle("EngineServer", app_name="edgeacc")
     ids = [101, 202, 303, 404, 505]
 
     async def main():
-        client = EngineClient(handle, mode)
+        client = ServeEngineClient(handle, mode)
         tokens = []
         async for chunk in client.generate(f"direct-{mode}", ids, SamplingParams(max_tokens=12, temperature=0,
                                                                                   ignore_eos=True)):

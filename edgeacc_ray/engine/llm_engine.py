@@ -3,124 +3,40 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from edgeacc_ray.engine.kv import BlockManager
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.request import IncrementalDetokenizer
-from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.hardware import CudaRunnerOptions, DevicePlan
-from edgeacc_ray.engine.request import LatencyMetrics
-from edgeacc_ray.engine.runner import ModelRunner, kv_page_bytes, kv_pool_shape
-from edgeacc_ray.engine.request import EngineStats, RequestOutput, SplitStats
-from edgeacc_ray.engine.hardware import configure_cpu, use_cores
-from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor
-from edgeacc_ray.engine.semi_pd import PrefillFailed
-from edgeacc_ray.engine.request import RequestLimits, validate_request
+from edgeacc_ray.engine.builder import build_parts
+from edgeacc_ray.engine.hardware import use_cores
+from edgeacc_ray.engine.request import (EngineOverloaded, EngineStats, EngineUnavailable, GrammarCompiler,
+                                        IncrementalDetokenizer, InvalidRequest, LatencyMetrics, RequestOutput,
+                                        SamplingParams, Sequence, SequenceStatus, SplitStats, next_token_bitmask,
+                                        validate_request)
 from edgeacc_ray.engine.sampling import sample
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.scheduling import AdmissionPolicy
-from edgeacc_ray.engine.scheduling import QueueBounds
-from edgeacc_ray.engine.scheduling import BatchForecast, StepTime
-from edgeacc_ray.engine.scheduling import RunningBound
-from edgeacc_ray.engine.scheduling import Scheduler
-from edgeacc_ray.engine.request import Sequence, SequenceStatus
-from edgeacc_ray.engine.split import SplitController
-from edgeacc_ray.engine.request import GrammarCompiler, next_token_bitmask
-from edgeacc_ray.engine.tp import WorkerSpec
-from edgeacc_ray.engine.tp import Rank0Model, TensorParallelRanks, new_group_name, node_address
-from edgeacc_ray.engine.semi_pd import start_semi_pd
-from edgeacc_ray.engine.kv import MappedStorage
-from edgeacc_ray.models.loader import load_model
-from edgeacc_ray.models.tp_shard import TPShard
-
-if TYPE_CHECKING:
-    from edgeacc_ray.engine.kv import HierarchicalCache
-
-MAX_DEFAULT_CONTEXT = 32768
+from edgeacc_ray.engine.scheduling import BatchForecast, ScheduledBatch
+from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor, PrefillFailed
+from edgeacc_ray.engine.tp import TensorParallelRanks
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None) -> None:
         """With `config.semi_pd`, the weights and the pool go into a shared segment (`storage_spec`)
-        and prompts run on `prefill_executor` (a process that maps it); this engine only decodes."""
-        from transformers import AutoTokenizer
-
-        from edgeacc_ray.models.builtin_models import resolve_model
-
+        and prompts run on `prefill_executor` (a process that maps it); this engine only decodes.
+        The parts are built by `engine.builder.build_parts`."""
         self.config = config
-        if config.enable_hierarchical_cache:  # imported here: the tier brings Ray, the engine alone does not need it
-            from edgeacc_ray.engine.kv import require_ray
-
-            require_ray()  # before the model loads
-        semi_pd = config.semi_pd
-        if semi_pd is not None and prefill_executor is None:
-            raise ValueError("semi_pd needs a prefill executor")
-        self.plan = DevicePlan.resolve(config.device, config.attention_backend, config.cuda_graphs)
-        self.device = device = self.plan.device
-        if device == "cpu":
-            configure_cpu(config.num_threads)
-        self.model_path = resolve_model(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        tp = config.tensor_parallel_size
-        # Under tensor parallelism self.args is this rank's shard: H/tp heads, Hkv/tp KV heads per layer.
-        model, self.args = load_model(self.model_path, config.dtype, device, pack=semi_pd is None,
-                                      shard=TPShard(0, tp) if tp > 1 else None)
-        self.dtype = model.model.embed_tokens.weight.dtype
-        page_bytes = kv_page_bytes(self.args, config.page_size, self.dtype)
-        num_pages = config.num_pages or int(config.kv_cache_memory_gb * 2**30 // page_bytes)
-        if num_pages < 2:
-            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds fewer than 2 pages "
-                             f"of {page_bytes} bytes")
-        self.max_model_len = min(config.max_model_len or min(self.args.max_position_embeddings, MAX_DEFAULT_CONTEXT),
-                                 num_pages * config.page_size)
-        self.limits = RequestLimits(self.max_model_len, self.args.vocab_size, config.max_logprobs,
-                                    num_pages * config.page_size)
-        # The decode workspace's rows are this process's bookkeeping, which the other ranks do not see.
-        workspace_bytes = int(config.decode_workspace_memory_gb * 2**30) if device == "cpu" and tp == 1 else 0
-        # CUDA: decode graphs only on one rank (a graph cannot hold the ranks' collectives here).
-        cuda = CudaRunnerOptions(self.plan.attention, self.plan.cuda_graphs and tp == 1, config.max_num_seqs,
-                                 self.max_model_len) if device == "cuda" else None
-        scratch_pages = 1 if cuda is not None and cuda.cuda_graphs else 0  # the graphs' padding rows write there
-        self.storage: MappedStorage | None = None
-        self.dispatcher: PrefillDispatcher | None = None
-        self.split: SplitController | None = None
-        if semi_pd is not None:  # CPU: a /dev/shm segment and a core split; CUDA: IPC and an SM split
-            parts = start_semi_pd(model, kv_pool_shape(self.args, num_pages + scratch_pages, config.page_size),
-                                  str(self.model_path), config.dtype, semi_pd, device,
-                                  live_decode_split=scratch_pages == 0)
-            self.storage, self.storage_spec, self.split = parts.storage, parts.spec, parts.split
-            self._control, self._follower, self._initial_cores = parts.control, parts.follower, parts.initial_cores
-            self.dispatcher = PrefillDispatcher(self.storage_spec, prefill_executor, semi_pd.prefill_batch_tokens,
-                                                semi_pd.max_prefill_batches_in_flight)
-        kv_cache = self.storage.kv_cache if self.storage is not None else None
-        self.tp: TensorParallelRanks | None = None
-        if tp > 1:
-            self.tp = TensorParallelRanks.start(model, WorkerSpec(
-                str(self.model_path), config.dtype, device, config.num_threads, num_pages, config.page_size,
-                rank=0, world_size=tp, store_host=node_address(), store_port=0, group_name=new_group_name(),
-                timeout_s=config.tensor_parallel_timeout_s))
-            model = Rank0Model(model, self.tp)
-        self.runner = ModelRunner(model, self.args, num_pages, config.page_size, workspace_bytes, kv_cache, cuda)
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
-                                          record_new_pages=config.enable_hierarchical_cache)
-        self.tier: HierarchicalCache | None = None
-        if config.enable_hierarchical_cache:
-            from edgeacc_ray.engine.kv import HierarchicalCache
-
-            self.tier = HierarchicalCache.connect(self.model_path, int(config.kv_cache_offload_memory_gb * 2**30),
-                                                  self.block_manager, self.runner.kv_cache, config.kv_store_name)
-        self.running_bound = RunningBound(config.max_num_seqs, config.tpot_slo_ms)
-        admission = AdmissionPolicy(config.page_size, self.max_model_len, self.running_bound,
-                                    config.new_token_ratio_init, config.new_token_ratio_min,
-                                    config.reservation_clip_tokens)
-        self.queue_bounds = QueueBounds(config.max_queued_requests, config.max_queue_wait_s, config.queue_timeout_s)
-        self.step_time = StepTime(config.tpot_slo_ms)  # for the queue's forecast
-        self.scheduler = Scheduler(self.block_manager, admission, config.max_num_batched_tokens,
-                                   remote_prefill=semi_pd is not None, tier=self.tier)
-        self.eos_token_ids = self._eos_token_ids()
+        parts = build_parts(config, prefill_executor)
+        self.plan, self.device, self.model_path, self.tokenizer = parts.plan, parts.device, parts.model_path, parts.tokenizer
+        self.args, self.dtype, self.max_model_len, self.limits = parts.args, parts.dtype, parts.max_model_len, parts.limits
+        # Semi-PD's decode side (None when colocated): the shared storage, the split and the dispatcher
+        self.storage, self.storage_spec, self.split = parts.storage, parts.storage_spec, parts.split
+        self._control, self._follower, self._initial_cores = parts.control, parts.follower, parts.initial_cores
+        self.dispatcher: PrefillDispatcher | None = parts.dispatcher
+        self.tp: TensorParallelRanks | None = parts.tp_ranks  # the other ranks (None: one rank)
+        self.runner, self.block_manager, self.tier = parts.runner, parts.block_manager, parts.tier
+        self.running_bound, self.queue_bounds, self.step_time = parts.running_bound, parts.queue_bounds, parts.step_time
+        self.scheduler, self.eos_token_ids = parts.scheduler, parts.eos_token_ids
         self.grammars = GrammarCompiler(self.tokenizer)
         self._masks = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeacc-grammar")
         self.sequences: dict[str, Sequence] = {}
@@ -180,8 +96,21 @@ class LLMEngine:
 
     # -- the loop -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and return a chunk for every sequence that advanced.
-        Semi-PD: first merge the prompts the prefill process finished, then hand it new ones."""
+        """One iteration: schedule -> run (one forward) -> sample -> postprocess; returns a chunk for
+        every sequence that advanced."""
+        outputs, batch = self._schedule()
+        if not batch.items:
+            return outputs
+        started = time.perf_counter()
+        logits, samplers = self._run(batch)
+        if samplers:
+            tokens, logprobs = sample(logits, samplers)
+            outputs += self._postprocess(batch, samplers, tokens, logprobs, started)
+        return outputs
+
+    def _schedule(self) -> tuple[list[RequestOutput], ScheduledBatch]:
+        """The next batch. Semi-PD: first merge the prompts the prefill process finished (their first
+        tokens are the outputs returned here), then hand it new ones."""
         outputs = self._merge_prefills() if self.dispatcher is not None else []
         if self.tier is not None:
             self.tier.write_through()  # the prompts just merged: before schedule() can reuse a freed page
@@ -198,12 +127,14 @@ class LLMEngine:
             for seq in batch.prefills:  # the prefill process samples the first token: send it the mask
                 if seq.matcher is not None:
                     self._set_bitmask(seq)
-            self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.split.prefill))
+            self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.current.prefill))
         if not batch.num_decode:
             self._last_decode_at = None  # a gap in decoding is not time per output token
-        if not batch.items:
-            return outputs
-        started = time.perf_counter()
+        return outputs, batch
+
+    def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward over the batch (the constrained rows' masks are computed meanwhile); then the
+        pages it filled are keyed, and written to the tier. Returns the logits of the rows that sample."""
         masks = self._masks.submit(self._fill_masks, batch) if any(s.matcher for s, _ in batch.items) else None
         logits, samplers = self.runner.run(batch)
         if masks is not None:
@@ -213,13 +144,15 @@ class LLMEngine:
             self.block_manager.commit_full_pages(seq)
         if self.tier is not None:
             self.tier.write_through()
-        if samplers:
-            tokens, logprobs = sample(logits, samplers)
-            now = time.monotonic()
-            for seq, token, logprob in zip(samplers, tokens, logprobs):
-                outputs.append(self._append_token(seq, token, logprob, now))
-            if batch.num_decode:
-                self._observe_decode(now, batch.num_decode, time.perf_counter() - started)
+        return logits, samplers
+
+    def _postprocess(self, batch: ScheduledBatch, samplers: list[Sequence], tokens: list[int], logprobs: list,
+                     started: float) -> list[RequestOutput]:
+        """Append the sampled tokens (finishing the sequences that stop) and time the decode step."""
+        now = time.monotonic()
+        outputs = [self._append_token(seq, token, logprob, now) for seq, token, logprob in zip(samplers, tokens, logprobs)]
+        if batch.num_decode:
+            self._observe_decode(now, batch.num_decode, time.perf_counter() - started)
         return outputs
 
     def _fill_masks(self, batch) -> None:
@@ -320,7 +253,7 @@ class LLMEngine:
     def _move_split(self) -> None:
         """Publish where the cores go now and take this process's share (Semi-PD's live split)."""
         sched = self.scheduler
-        before = self.split.split
+        before = self.split.current
         split = self.split.decide(time.monotonic(), bool(sched.waiting or sched.prefilling), bool(sched.running))
         if split != before:
             self._control.publish(split)
@@ -398,7 +331,7 @@ class LLMEngine:
     def _split_stats(self) -> SplitStats | None:
         if self.split is None:
             return None
-        current = self.split.split
+        current = self.split.current
         return SplitStats(
             prefill_cores=list(current.prefill) if current else [], decode_cores=list(current.decode) if current else [],
             base_prefill_cores=self.split.base, moves_total=self.split.moves_total,
@@ -435,16 +368,3 @@ class LLMEngine:
                     eos_token_ids=sorted(self.eos_token_ids), page_size=self.config.page_size,
                     num_pages=self.block_manager.num_pages, dtype=str(self.dtype).removeprefix("torch."),
                     device=self.device)
-
-    def _eos_token_ids(self) -> set[int]:
-        from transformers import GenerationConfig
-
-        ids: set[int] = set()
-        try:
-            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        except OSError:
-            pass
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids

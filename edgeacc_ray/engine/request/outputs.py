@@ -140,7 +140,7 @@ class EngineStats:
     rejected_total: int = 0  # refused on arrival: queue full or predicted wait too long
     queue_timeouts_total: int = 0  # dropped after waiting longer than queue_timeout_s
     drain_rate: float = 0.0  # requests started per second while some waited (0: not measured yet)
-    # The KV offload tier (engine/hierarchical_cache.py); None when it is off.
+    # The KV offload tier (engine/kv/tier.py); None when it is off.
     host_cached_prompt_tokens_total: int = 0  # of cached_prompt_tokens_total, those loaded from the tier
     num_loading: int = 0  # admitted requests whose prefix is being read from the tier
     hicache: HiCacheStats | None = None

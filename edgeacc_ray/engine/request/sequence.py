@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
-    LOADING = "loading"  # admitted; its prefix is coming from the KV tier (engine/hierarchical_cache.py)
+    LOADING = "loading"  # admitted; its prefix is coming from the KV tier (engine/kv/tier.py)
     PREFILLING = "prefilling"  # Semi-PD: its prompt is being computed in the prefill process
     RUNNING = "running"
     FINISHED = "finished"

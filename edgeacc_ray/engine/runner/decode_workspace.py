@@ -1,7 +1,7 @@
 """A contiguous copy of the decoding sequences' KV, so decode attention reads it in place.
 
 Gathering every sequence's pages out of the pool on every step and every layer costs more than
-the attention itself on a CPU (DESIGN §5: the step is memory-bound). Instead each decoding
+the attention itself on a CPU (the step is memory-bound). Instead each decoding
 sequence keeps a row here for its whole decode life: filled once from its pages when it starts
 decoding, then extended by one token per step alongside the pool (the pool stays the source of
 truth for the prefix cache and for other processes). Rows freed by finished sequences are reused.

@@ -9,7 +9,7 @@ With `remote_prefill` (Semi-PD's decode side) prompts are not computed here: an 
 pages for all of its tokens at once and leaves in `ScheduledBatch.prefills` for the prefill process;
 it stays in `prefilling` (never preempted, its pages busy) until `prefill_done` or `finish`.
 
-With the KV offload tier (`tier`, engine/hierarchical_cache.py) an admitted sequence whose prompt has
+With the KV offload tier (`tier`, engine/kv/tier.py) an admitted sequence whose prompt has
 full pages past its device prefix first waits in `loading` while the tier is read (admitted: it
 counts toward the running bound and the reservations, holds its device prefix, is never preempted),
 and joins the batch, or goes to the prefill process, once the read is back."""
@@ -24,7 +24,7 @@ from edgeacc_ray.engine.kv import BlockManager
 from edgeacc_ray.engine.request import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
-    from edgeacc_ray.engine.kv import HierarchicalCache
+    from edgeacc_ray.engine.kv import KVTier
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, admission: AdmissionPolicy, max_num_batched_tokens: int,
-                 remote_prefill: bool = False, tier: HierarchicalCache | None = None) -> None:
+                 remote_prefill: bool = False, tier: KVTier | None = None) -> None:
         self.block_manager = block_manager
         self.admission = admission
         self.max_num_batched_tokens = max_num_batched_tokens

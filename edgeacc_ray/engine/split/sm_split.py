@@ -1,4 +1,4 @@
-"""The CUDA form of Semi-PD's compute split: shares of the GPU's SMs instead of cores (DESIGN §8).
+"""The CUDA form of Semi-PD's compute split: shares of the GPU's SMs instead of cores.
 
 Two processes run kernels at the same time on one GPU only under MPS. Each process's ceiling is its
 `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, read once when CUDA starts in it (`set_mps_share`, before any

@@ -6,7 +6,7 @@
 - Lending is checked, not assumed: each phase's compute rate (tokens/s) is tracked per number of
   cores it ran on, and a phase stops borrowing cores when it measurably computes no faster with them
   (on a small box the lent core is also the HTTP stack's, and an OpenMP thread that must share a core
-  stalls the whole step: DESIGN §5). The verdict is forgotten every `probe_s`, so lending is tried again.
+  stalls the whole step). The verdict is forgotten every `probe_s`, so lending is tried again.
 - SLOs: a window closes once it spans `window_s` and holds MIN_SAMPLES of both TTFT and TPOT (a
   fixed-length window would hold too few exactly when they are slowest), or is dropped after
   STALE_WINDOWS x `window_s` without them; its p90 TTFT and TPOT against `ttft_slo_ms` / `tpot_slo_ms`
@@ -121,7 +121,7 @@ class SplitController:
         return split
 
     @property
-    def split(self) -> CoreSplit | None:
+    def current(self) -> CoreSplit | None:
         return self._split
 
     def _adjust_base(self, now: float) -> None:

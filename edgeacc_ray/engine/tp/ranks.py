@@ -37,7 +37,7 @@ from edgeacc_ray.models.tp_shard import wrap_row_parallel
 
 logger = logging.getLogger(__name__)
 
-# Ray refuses a bundle with no resource in it; engine processes account 0 CPUs (DESIGN §5), so each
+# Ray refuses a bundle with no resource in it; engine processes account 0 CPUs (a 2-core box holds no 1-CPU replica), so each
 # rank's bundle reserves a sliver of one, enough for STRICT_PACK to pack them on one node.
 MIN_BUNDLE_CPU = 0.01
 PLACEMENT_TIMEOUT_S = 120.0  # the ranks' bundles are placed within this, or the engine does not start
