@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from deployments.autoscaling_policy import autoscaling_signals
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
 from edgeacc_ray.engine.request import EngineStats, RequestOutput
 from edgeacc_ray.engine.hardware import pin_process, restore_priority

@@ -7,7 +7,7 @@ from typing import Any, Sequence as Seq
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.hardware import resolve_device
 from edgeacc_ray.engine.request import EngineOverloaded
-from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine import LLMEngine
 from edgeacc_ray.engine.request import CompletionOutput, RequestOutput, merge_outputs
 from edgeacc_ray.engine.semi_pd import ProcessPrefillExecutor
 from edgeacc_ray.engine.request import SamplingParams

@@ -11,7 +11,7 @@ import pytest
 from edgeacc_ray.engine.scheduling import AdmissionPolicy
 from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import InvalidRequest
-from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine import LLMEngine
 from edgeacc_ray.engine.scheduling import RunningBound
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.request import Sequence

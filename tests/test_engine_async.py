@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM

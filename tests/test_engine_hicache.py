@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.request import SequenceStatus

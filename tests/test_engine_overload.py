@@ -14,10 +14,10 @@ import time
 import pytest
 
 from edgeacc_ray.engine.scheduling import queue_bounds
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, QueueTimeout
-from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine import LLMEngine
 from edgeacc_ray.engine.scheduling.queue_bounds import DrainRate, QueueBounds
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.scheduling.start_forecast import Job, start_time_s

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine import LLMEngine
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.request import SequenceStatus
 from edgeacc_ray.llm import LLM

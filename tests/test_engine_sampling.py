@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine import LLMEngine
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig, SemiPDConfig
 from edgeacc_ray.engine.request import EngineUnavailable, TensorParallelFailure
 from edgeacc_ray.engine.request import SamplingParams

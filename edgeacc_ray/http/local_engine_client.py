@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable
 
-from edgeacc_ray.engine.async_engine import AsyncLLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.request import EngineStats, RequestOutput
 from edgeacc_ray.engine.request import SamplingParams

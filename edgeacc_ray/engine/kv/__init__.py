@@ -1,3 +1,7 @@
+"""KV pages: the block manager (ref-counted pages and the prefix cache), the shared storage Semi-PD
+puts the pool in (shared memory on CPU, one CUDA IPC allocation on GPU), and `KVTier`, the engine's
+side of the KV offload tier (`enable_hierarchical_cache`; SGLang calls it HiCache)."""
+
 from edgeacc_ray.engine.kv.block_manager import BlockManager
 from edgeacc_ray.engine.kv.cuda_ipc_storage import CudaMappedStorage, CudaStorageSpec, export_cuda, map_cuda_storage
 from edgeacc_ray.engine.kv.shared_arena import process_alive, sweep_stale_segments

@@ -1,3 +1,7 @@
+"""What a request is to the engine: its sampling parameters and grammar, the one check of it, the
+typed errors that can end it, its state while it runs (`Sequence`) and the chunks and stats that
+come out. Every other engine package builds on these."""
+
 from edgeacc_ray.engine.request.combined_stats import combine_stats
 from edgeacc_ray.engine.request.detokenizer import IncrementalDetokenizer
 from edgeacc_ray.engine.request.errors import EngineOverloaded, EngineUnavailable, InvalidRequest, QueueTimeout, TensorParallelFailure

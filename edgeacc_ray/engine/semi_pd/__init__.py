@@ -1,3 +1,7 @@
+"""Semi-PD: prompts run in a prefill process on the same pool and weights, the decode side (this
+engine) sends them page ids and token ids and takes back first tokens. `setup` builds the shared
+storage and the split; `prefill_dispatcher` is the decode side's end, `prefill_worker` the other."""
+
 from edgeacc_ray.engine.semi_pd.prefill_dispatcher import PrefillDispatcher, PrefillExecutor
 from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillFailed, PrefillReplicaTaken, PrefillTask
 from edgeacc_ray.engine.semi_pd.prefill_worker import PrefillWorker, page_sums
