@@ -89,7 +89,7 @@ class EngineSettings(BaseModel):
                                  "(SGLang --stream-interval; 4 keeps the per-item Ray cost off the engine core)")
     max_logprobs: int = Field(20, ge=0)
 
-    # Admission and overload (engine/admission.py, running_bound.py, queue_bounds.py).
+    # Admission and overload (engine/scheduling/admission.py, running_bound.py, queue_bounds.py).
     tpot_slo_ms: float | None = Field(
         100.0, gt=0, description="TPOT target the running bound follows (between 1 and max_num_seqs); "
         "null: the bound stays at max_num_seqs")
@@ -126,7 +126,7 @@ class EngineConfig(EngineSettings):
 
     model: str = Field("tiny", min_length=1)
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "cpu", description="auto: cuda when torch sees a GPU, else cpu (engine/device.py resolves it)")
+        "cpu", description="auto: cuda when torch sees a GPU, else cpu (engine/hardware/device.py resolves it)")
     semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
     kv_store_name: str | None = None  # the tier's store; None: the node's own (another: a separate tier)
 

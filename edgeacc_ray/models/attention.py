@@ -2,7 +2,7 @@
 
 A layer's pool is one tensor [2, num_kv_heads, num_pages, page_size, head_dim] (keys, values).
 Decode rows (one query token per sequence) are attended as padded batches: in place in a decode
-workspace (engine/decode_workspace.py: a contiguous row per sequence), and, for the few rows much
+workspace (engine/runner/decode_workspace.py: a contiguous row per sequence), and, for the few rows much
 longer than the rest (which would make every workspace row as long as theirs), from pages gathered
 on the fly; prefill chunks one sequence at a time with a causal mask offset by the cached context.
 """

@@ -75,7 +75,7 @@ class DevicePlan:
 @dataclass(frozen=True)
 class CudaRunnerOptions:
     """What a model runner on CUDA needs beyond the CPU path: its attention kernels and, for decode
-    graphs, the largest batch and context to bucket (engine/cuda_graphs.py)."""
+    graphs, the largest batch and context to bucket (engine/runner/cuda_graphs.py)."""
 
     attention: Literal["torch", "flashinfer"]
     cuda_graphs: bool

@@ -54,7 +54,7 @@ class ArenaManifest:
 def lay_out(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = _ALIGN
             ) -> tuple[dict[str, TensorSlot], int]:
     """Place each tensor of `specs` at the next `align`-byte boundary; returns the slots and the total
-    size. Shared by this segment and the CUDA arena (engine/cuda_ipc_storage.py)."""
+    size. Shared by this segment and the CUDA arena (engine/kv/cuda_ipc_storage.py)."""
     slots, offset = {}, 0
     for name, (shape, dtype) in specs.items():
         slot = TensorSlot(offset, tuple(int(d) for d in shape), str(dtype).removeprefix("torch."))

@@ -19,7 +19,7 @@ from edgeacc_ray.models.qwen3 import CausalLM
 
 KV_CACHE = "kv_cache"
 CONTROL = "control"
-CONTROL_SLOTS = 8  # int64 words of the split controller (engine/core_split.py)
+CONTROL_SLOTS = 8  # int64 words of the split controller (engine/split/core_split.py)
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ class EngineStats:
     num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
     split: SplitStats | None = None
     latency: LatencySnapshot | None = None
-    # Admission (engine/admission.py, running_bound.py, queue_bounds.py).
+    # Admission (engine/scheduling/admission.py, running_bound.py, queue_bounds.py).
     running_bound: int = 0  # requests that may run at once now (follows tpot_slo_ms, at most max_num_seqs)
     reserved_pages: int = 0  # pages held by admitted requests plus those their reservations still expect
     new_token_ratio: float = 0.0  # share of its remaining max_tokens a request's reservation counts now

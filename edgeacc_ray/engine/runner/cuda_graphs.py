@@ -15,7 +15,7 @@ A bucket is captured on first use (up to `max_graphs`; beyond that the step runs
 sharing one memory pool: replays never overlap and each returns its logits before the next starts.
 `capture=False` runs the very same padded forward without a graph, which is how the padding and
 bucketing are tested on CPU. The workspace path is CPU-only and flashinfer plans on the host each
-step, so graphs cover the paged torch path alone (engine/device.py decides).
+step, so graphs cover the paged torch path alone (engine/hardware/device.py decides).
 """
 from __future__ import annotations
 

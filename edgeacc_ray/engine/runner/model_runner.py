@@ -40,7 +40,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, args: ModelArgs, num_pages: int, page_size: int,
                  workspace_bytes: int = 0, kv_cache: torch.Tensor | None = None,
                  cuda: CudaRunnerOptions | None = None) -> None:
-        """`cuda` turns on flashinfer and/or decode CUDA graphs (engine/device.py); graphs need a
+        """`cuda` turns on flashinfer and/or decode CUDA graphs (engine/hardware/device.py); graphs need a
         scratch page past `num_pages`, which a private pool gets here and a shared one must bring."""
         self.model = model
         self.args = args

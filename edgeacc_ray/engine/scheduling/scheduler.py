@@ -1,6 +1,6 @@
 """Continuous batching with chunked prefill: each step packs decode tokens first, then prompt
 chunks, under a per-step token budget; new requests enter when the admission policy allows
-(engine/admission.py: their KV reservations fit and the running bound has room). When optimistic
+(engine/scheduling/admission.py: their KV reservations fit and the running bound has room). When optimistic
 reservations leave a sequence without a page, the newest running sequences are preempted by
 recompute (retracted), at most `AdmissionPolicy.max_retractions` per step; a sequence that still
 finds no page skips the step.

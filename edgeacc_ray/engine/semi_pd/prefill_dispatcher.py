@@ -2,7 +2,7 @@
 keeps a bounded number in flight, and hands back the batches that came home (or failed).
 
 How a batch travels is the executor's business (`PrefillExecutor`): a local child process for the
-offline engine (engine/process_prefill_executor.py), a Ray Serve handle in the deployments.
+offline engine (engine/semi_pd/process_prefill_executor.py), a Ray Serve handle in the deployments.
 """
 from __future__ import annotations
 

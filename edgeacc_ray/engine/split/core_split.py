@@ -1,6 +1,6 @@
 """The CPU form of Semi-PD's SM split: which cores compute prefill and which compute decode.
 
-The decode process decides (engine/split_controller.py) and publishes the split in the control block
+The decode process decides (engine/split/split_controller.py) and publishes the split in the control block
 of the shared segment; each process applies its part at its own step boundary (`CoreSplitFollower`),
 so cores move between the phases live, with no restart and no message on the request path.
 """

@@ -15,7 +15,7 @@ from edgeacc_ray.models.tp_shard import TPShard, wrap_row_parallel
 
 
 class TPWorker:
-    """Created by `TensorParallelRanks` (engine/tp_ranks.py) in its placement group."""
+    """Created by `TensorParallelRanks` (engine/tp/ranks.py) in its placement group."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         restore_priority()  # a Ray actor starts at nice 15; rank 0 (an engine replica) runs at 0
