@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from edgeacc_ray.models.config import ModelArgs
+from edgeacc_ray.models.cpu_features import has_native_bf16
 from edgeacc_ray.models.packed_linear import can_pack, pack_linears
 from edgeacc_ray.models.qwen3 import CausalLM
 from edgeacc_ray.models.tp_shard import TPShard
@@ -22,9 +23,13 @@ _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_
 _FUSED_NAME = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
 
 
-def resolve_dtype(name: str, hf_config) -> torch.dtype:
-    """`auto` keeps a float16 checkpoint in float16 and runs everything else in bfloat16."""
+def resolve_dtype(name: str, hf_config, device: str = "cpu", native_bf16: bool | None = None) -> torch.dtype:
+    """`auto` keeps a float16 checkpoint in float16 and runs everything else in bfloat16, except on a
+    CPU without native bf16 (`cpu_features`), where float32 is several times faster and both float16
+    and bfloat16 run in float32."""
     if name == "auto":
+        if device == "cpu" and not (has_native_bf16() if native_bf16 is None else native_bf16):
+            return torch.float32
         stored = str(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", "") or "")
         return torch.float16 if "float16" in stored and "bfloat16" not in stored else torch.bfloat16
     if name not in DTYPES:
@@ -43,15 +48,15 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def read_model_args(path: str | Path, dtype: str = "auto") -> tuple[ModelArgs, torch.dtype]:
-    """The model's shape and the dtype it will run in, from its config.json alone."""
+def read_model_args(path: str | Path, dtype: str = "auto", device: str = "cpu") -> tuple[ModelArgs, torch.dtype]:
+    """The model's shape and the dtype it will run in on `device`, from its config.json alone."""
     from transformers import AutoConfig
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path} is not an HF model folder (no config.json)")
     hf_config = AutoConfig.from_pretrained(path)
-    return ModelArgs.from_hf_config(hf_config), resolve_dtype(dtype, hf_config)
+    return ModelArgs.from_hf_config(hf_config), resolve_dtype(dtype, hf_config, device)
 
 
 def model_skeleton(args: ModelArgs, dtype: torch.dtype) -> CausalLM:
@@ -66,7 +71,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
     Semi-PD, whose processes share one copy of the weights, loads them unpacked). With `shard`, only
     that tensor-parallel rank's slice is built and read, and the args returned are its shape."""
     path = Path(path)
-    args, torch_dtype = read_model_args(path, dtype)
+    args, torch_dtype = read_model_args(path, dtype, device)
     if shard is not None:
         args = shard.local_args(args)
     model = model_skeleton(args, torch_dtype)

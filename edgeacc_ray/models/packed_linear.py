@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgeacc_ray.models.cpu_features import can_pack_bf16
+
 
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, batch_hint: int = 32) -> None:
@@ -23,7 +25,7 @@ class PackedLinear(nn.Module):
 
 def can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and can_pack_bf16())
 
 
 def pack_linears(module: nn.Module) -> None:

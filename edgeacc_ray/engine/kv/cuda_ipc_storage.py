@@ -164,7 +164,7 @@ def export_cuda(model: CausalLM, kv_shape: tuple[int, ...]) -> CudaMappedStorage
 
 def map_cuda_storage(spec: CudaStorageSpec) -> CudaMappedStorage:
     """Map the owner's device arena here and build the model on it: no weight is read or copied."""
-    args, dtype = read_model_args(spec.model_path, spec.dtype)
+    args, dtype = read_model_args(spec.model_path, spec.dtype, "cuda")
     arena = CudaArena.attach(spec.arena)
     model = model_skeleton(args, dtype)
     tensors = {name: t for name, t in arena.tensors.items() if name != KV_CACHE}
