@@ -47,13 +47,13 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     model_path = resolve_model_path(cfg.model)
     if cfg.enable_edge_acc:
         logger.info("enable_edge_acc=True: pd_mode=%s, enable_hierarchical_cache=%s (KV offload tier, %.1f GB), "
-                    "dynamic running bound (tpot_slo_ms=%s)", cfg.pd_mode, cfg.enable_hierarchical_cache,
+                    "running bound (tpot_slo_ms=%s)", cfg.pd_mode, cfg.enable_hierarchical_cache,
                     cfg.kv_cache_offload_memory_gb, cfg.tpot_slo_ms)
     config = cfg.model_dump()
     actor_options = {"num_cpus": cfg.engine_num_cpus, "num_gpus": cfg.engine_num_gpus,
                      **({"resources": dict(cfg.engine_resources)} if cfg.engine_resources else {})}
     serve_options = dict(max_ongoing_requests=cfg.engine_max_ongoing_requests, request_router_config=engine_router(cfg),
-                         **cfg.engine_replicas.serve_options(cfg.ttft_slo_ms / 1000))
+                         **cfg.engine_replicas.serve_options(cfg.ttft_slo_ms / 1000 if cfg.ttft_slo_ms else None))
     if cfg.backend == "sglang":  # SGLang engines behind the same interface (deployments/sglang_server.py)
         require_sglang()
         engine = bind_sglang_engine(cfg, model_path, serve_options)

@@ -75,3 +75,17 @@ def test_without_a_target_the_bound_is_max_num_seqs():
     bound.observe(0.0, 10.0, 8)
     window(bound, 0.0, 10_000.0, batch=8)
     assert bound.value == 8
+
+
+def test_the_default_has_no_tpot_target_and_never_cuts_the_bound():
+    """A default TPOT target would be a constant tuned on another box: without the user's SLO the
+    bound stays at max_num_seqs however slow decode is, and says it has no target."""
+    from edgeacc_ray.config import EngineSettings
+
+    assert EngineSettings().tpot_slo_ms is None
+    bound = RunningBound(max_num_seqs=64, tpot_slo_ms=EngineSettings().tpot_slo_ms)
+    for step in range(200):
+        bound.observe(step * 0.5, 0.5, 64)  # 500 ms per token
+    assert bound.value == 64
+    assert (bound.target().source, bound.target().ms) == ("none", None)
+    assert RunningBound(8, tpot_slo_ms=40.0).target().source == "user"

@@ -78,6 +78,13 @@ def test_split_visible_in_metrics_and_server_info(url):
     metrics = httpx.get(url + "/metrics", timeout=10).text
     for name in ("edgeacc:semi_pd_prefill_cores", "edgeacc:semi_pd_decode_cores", "edgeacc:semi_pd_split_moves_total"):
         assert name in metrics
+    targets = info["internal_states"][0]["slo_targets"]  # no SLO set: none for the bound, derived for the split
+    assert targets["running_bound_tpot"]["source"] == "none" and targets["running_bound_tpot"]["ms"] is None
+    for name in ("split_ttft", "split_tpot"):
+        assert targets[name]["source"] in ("derived", "none")
+        if targets[name]["source"] == "derived":
+            assert targets[name]["ms"] > targets[name]["floor_ms"] > 0
+            assert f'edgeacc:slo_target_ms{{model_name="tiny",source="derived",target="{name}"}}' in metrics
 
 
 def _stream(url: str, ids: list[int], max_tokens: int, results: dict, key: str) -> None:

@@ -231,6 +231,9 @@ def test_health_info_flush_and_metrics(url):
     server = httpx.get(url + "/get_server_info", timeout=10).json()
     assert server["served_model_name"] == MODEL and server["host"] == "127.0.0.1"
     assert server["internal_states"][0]["num_total_pages"] > 0
+    assert server["tpot_slo_ms"] is None and server["ttft_slo_ms"] is None  # no SLO unless the user sets one
+    assert server["internal_states"][0]["slo_targets"]["running_bound_tpot"] == {
+        "name": "running_bound_tpot", "ms": None, "source": "none", "floor_ms": None}
     r = httpx.post(url + "/flush_cache", timeout=10)
     assert r.status_code == 200 and "flushed" in r.text.lower()
     text = httpx.get(url + "/metrics", timeout=10).text

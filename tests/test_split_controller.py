@@ -121,3 +121,48 @@ def test_lending_stops_when_the_borrowed_cores_do_not_help_and_is_probed_again()
         c.observe_rate("decode", 1, 32, 0.020)
         c.observe_rate("decode", 2, 32, 0.012)  # now it pays
     assert c.lending_helps("decode") and c.decide(12.0, False, True) == CoreSplit((), (0, 1))
+
+
+def _windows(c: SplitController, start: int, ttft_s: float, tpot_s: float, count: int = 1) -> None:
+    for window in range(start, start + count):
+        for _ in range(MIN_SAMPLES):
+            c.observe_ttft(ttft_s)
+            c.observe_tpot(tpot_s)
+        c.decide(float(window) + 0.01, True, True)
+
+
+def test_without_slos_the_targets_derive_from_the_device_slow_looser_fast_tighter():
+    """No user SLO: each target is DERIVED_FACTOR x the fastest window measured, so a device whose
+    steps take 10x longer gets a 10x looser target, and none exists before the first window."""
+    from edgeacc_ray.engine.request.slo_targets import DERIVED_FACTOR
+
+    targets = {}
+    for name, tpot_s in (("slow", 0.2), ("fast", 0.02)):
+        c = SplitController((0, 1, 2, 3), ttft_slo_ms=None, tpot_slo_ms=None, window_s=1.0)
+        c.decide(0.0, True, True)
+        assert [t.source for t in c.targets()] == ["none", "none"]
+        _windows(c, 1, ttft_s=10 * tpot_s, tpot_s=tpot_s)
+        targets[name] = {t.name: t for t in c.targets()}
+        assert c.base == 2  # the first window only sets the floor: nothing is over 3x its own best
+    slow, fast = targets["slow"]["split_tpot"], targets["fast"]["split_tpot"]
+    assert (slow.source, fast.source) == ("derived", "derived")
+    assert slow.ms == DERIVED_FACTOR * 200.0 and fast.ms == DERIVED_FACTOR * 20.0
+    assert targets["slow"]["split_ttft"].ms == 10 * targets["fast"]["split_ttft"].ms
+
+
+def test_a_derived_target_moves_the_split_when_a_phase_falls_far_behind_its_best():
+    c = SplitController((0, 1, 2, 3), ttft_slo_ms=None, tpot_slo_ms=None, window_s=1.0)
+    c.decide(0.0, True, True)
+    _windows(c, 1, ttft_s=0.1, tpot_s=0.02)  # the floors: 100 ms and 20 ms
+    _windows(c, 2, ttft_s=0.25, tpot_s=0.02)  # 2.5x the best TTFT: within the derived 3x
+    assert c.base == 2
+    _windows(c, 3, ttft_s=0.5, tpot_s=0.02)  # 5x: prefill misses its derived target, decode has headroom
+    assert c.base == 3
+
+
+def test_a_user_slo_wins_over_the_derived_target():
+    c = SplitController((0, 1, 2, 3), ttft_slo_ms=None, tpot_slo_ms=25.0, window_s=1.0)
+    c.decide(0.0, True, True)
+    _windows(c, 1, ttft_s=0.1, tpot_s=0.02)
+    tpot = {t.name: t for t in c.targets()}["split_tpot"]
+    assert (tpot.source, tpot.ms, tpot.floor_ms) == ("user", 25.0, 20.0)

@@ -5,6 +5,7 @@ and the serving config (`edgeacc_ray.config.ServeConfig`) both extend it, so no 
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
@@ -17,7 +18,9 @@ class SemiPDSettings(BaseModel):
 
     prefill_batch_tokens: int = Field(512, ge=1, description="prompt tokens per batch sent to the prefill server")
     max_prefill_batches_in_flight: int = Field(2, ge=1)
-    ttft_slo_ms: float = Field(2000.0, gt=0, description="TTFT target that moves the split toward prefill")
+    ttft_slo_ms: float | None = Field(
+        None, gt=0, description="your TTFT SLO: moves the semi_pd split toward prefill when missed, and scales "
+        "engine replicas up; null (the default): the split follows a target derived from measured TTFT")
     lend_idle_cores: bool = Field(True, description="a phase with no work lends its cores to the other")
 
 
@@ -28,7 +31,7 @@ class SemiPDConfig(SemiPDSettings):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cores: tuple[int, ...] = ()  # cores the pair splits; empty: every core this process may use
-    tpot_slo_ms: float = 100.0
+    tpot_slo_ms: float | None = None  # the user's TPOT SLO for the split; None: derived (slo_targets.py)
 
 
 def tensor_parallel_refusal(tensor_parallel_size: int, semi_pd: bool, tier: bool) -> str | None:
@@ -59,11 +62,13 @@ class EngineSettings(BaseModel):
     decode_workspace_memory_gb: float = Field(
         1.0, ge=0, description="CPU: contiguous copy of the decoding sequences' KV (0: off)")
     max_num_seqs: int = Field(256, ge=1, description="hard upper bound on running sequences (the running bound "
-                              "moves below it with tpot_slo_ms)")
+                              "moves below it to hold tpot_slo_ms when one is set)")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens per step (chunked prefill)")
     max_model_len: int | None = Field(
         None, ge=2, description="default: the checkpoint's max_position_embeddings, capped at 32768")
-    num_threads: int = Field(1, ge=1, description="torch compute threads of the engine process (DESIGN §5)")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch compute threads of the engine process; default: one per core the process "
+        "may use (its CPU affinity, engine_cpu_cores when set), shared among its tensor-parallel ranks")
     tensor_parallel_size: int = Field(
         1, ge=1, description="ranks the native engine's attention heads and MLP are split over: the engine's "
         "process and tensor_parallel_size - 1 Ray actors on the same node (NCCL on CUDA, gloo on CPU); "
@@ -91,8 +96,10 @@ class EngineSettings(BaseModel):
 
     # Admission and overload (engine/scheduling/admission.py, running_bound.py, queue_bounds.py).
     tpot_slo_ms: float | None = Field(
-        100.0, gt=0, description="TPOT target the running bound follows (between 1 and max_num_seqs); "
-        "null: the bound stays at max_num_seqs")
+        None, gt=0, description="your TPOT SLO: the running bound (between 1 and max_num_seqs) then admits a "
+        "larger batch only while decode holds it; null (the default): no TPOT target, the bound stays at "
+        "max_num_seqs and only KV memory limits the batch (a default target would be a constant tuned for "
+        "some other box: it cut throughput to 0.58x on this one)")
     new_token_ratio_init: float = Field(
         0.7, gt=0, le=1, description="share of a request's remaining max_tokens its KV reservation counts "
         "at first (SGLang's init_new_token_ratio); then learned from finished requests")
@@ -119,6 +126,13 @@ class EngineSettings(BaseModel):
         return self
 
 
+def default_num_threads(tensor_parallel_size: int = 1) -> int:
+    """One compute thread per core this process may use, split among the tensor-parallel ranks (each
+    rank is a process of its own on the same node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // tensor_parallel_size)
+
+
 class EngineConfig(EngineSettings):
     """Settings of one native engine. `model` is an HF folder or a built-in name ("tiny", "small")."""
 
@@ -129,6 +143,11 @@ class EngineConfig(EngineSettings):
         "cpu", description="auto: cuda when torch sees a GPU, else cpu (engine/hardware/device.py resolves it)")
     semi_pd: SemiPDConfig | None = None  # set: prefill runs in another process on the shared pool
     kv_store_name: str | None = None  # the tier's store; None: the node's own (another: a separate tier)
+
+    @property
+    def compute_threads(self) -> int:
+        """num_threads, or its default resolved in the calling process."""
+        return self.num_threads or default_num_threads(self.tensor_parallel_size)
 
     @model_validator(mode="after")
     def _tensor_parallel_alone(self) -> "EngineConfig":

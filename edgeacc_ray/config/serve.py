@@ -10,7 +10,6 @@ gets a warning with the closest one. The engine's tunables are `EngineSettings`,
 from __future__ import annotations
 
 import difflib
-import math
 import logging
 import os
 import re
@@ -175,7 +174,7 @@ class ServeConfig(EngineSettings, SemiPDSettings):
         """The engine's settings: the inherited tunables, the device resolved, Semi-PD's from pd_mode."""
         semi_pd = SemiPDConfig(
             **self.model_dump(include=set(SemiPDSettings.model_fields)), cores=tuple(self.engine_cpu_cores or ()),
-            tpot_slo_ms=self.tpot_slo_ms if self.tpot_slo_ms is not None else math.inf)
+            tpot_slo_ms=self.tpot_slo_ms)
         return EngineConfig(**self.model_dump(include=set(EngineSettings.model_fields)), model=self.model,
                             device=self.engine_device(), semi_pd=semi_pd if self.pd_mode == "semi_pd" else None)
 
@@ -245,6 +244,7 @@ def _env_value(name: str, raw: str) -> Any:
 
         return json.loads(raw)
     nullable = ("served_model_name", "api_key", "num_pages", "max_model_len", "max_request_choices", "tpot_slo_ms",
+                "ttft_slo_ms", "num_threads",
                 "max_queue_wait_s", "queue_timeout_s", "reservation_clip_tokens")
     if raw.strip().lower() in ("none", "null") and name in nullable:
         return None

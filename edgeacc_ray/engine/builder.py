@@ -69,7 +69,7 @@ def build_parts(config: EngineConfig, prefill_executor: PrefillExecutor | None =
     plan = DevicePlan.resolve(config.device, config.attention_backend, config.cuda_graphs)
     device = plan.device
     if device == "cpu":
-        configure_cpu(config.num_threads)
+        configure_cpu(config.compute_threads)
     model_path = resolve_model(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tp_size = config.tensor_parallel_size
@@ -106,7 +106,7 @@ def build_parts(config: EngineConfig, prefill_executor: PrefillExecutor | None =
     tp_ranks: TensorParallelRanks | None = None
     if tp_size > 1:
         tp_ranks = TensorParallelRanks.start(model, WorkerSpec(
-            str(model_path), config.dtype, device, config.num_threads, num_pages, config.page_size,
+            str(model_path), config.dtype, device, config.compute_threads, num_pages, config.page_size,
             rank=0, world_size=tp_size, store_host=node_address(), store_port=0, group_name=new_group_name(),
             timeout_s=config.tensor_parallel_timeout_s))
         model = Rank0Model(model, tp_ranks)

@@ -326,7 +326,8 @@ class LLMEngine:
             reserved_pages=bm.num_pages - bm.num_free_pages + self.scheduler.committed_pages(),
             new_token_ratio=self.scheduler.admission.ratio, retractions_total=self.scheduler.num_preemptions,
             rejected_total=c["rejected"], queue_timeouts_total=c["queue_timeouts"],
-            drain_rate=self.queue_bounds.drain.per_s or 0.0)
+            drain_rate=self.queue_bounds.drain.per_s or 0.0,
+            targets=[self.running_bound.target()] + (self.split.targets() if self.split is not None else []))
 
     def _split_stats(self) -> SplitStats | None:
         if self.split is None:
@@ -359,7 +360,7 @@ class LLMEngine:
             self.storage = None
             if self._initial_cores is not None:
                 use_cores(self._initial_cores)  # the split pinned this process; give it its cores back
-                torch.set_num_threads(self.config.num_threads)
+                torch.set_num_threads(self.config.compute_threads)
 
     @property
     def model_info(self) -> dict:

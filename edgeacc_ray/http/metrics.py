@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from edgeacc_ray.engine.request import HistogramSnapshot, LatencySnapshot
-from edgeacc_ray.engine.request import EngineStats, HiCacheStats
+from edgeacc_ray.engine.request import EngineStats, HiCacheStats, TargetStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -87,8 +87,10 @@ class _Snapshot:
                             s.requests_finished_total + s.requests_aborted_total)
         yield self._counter("sglang:num_aborted_requests_total", "Number of requests aborted.",
                             s.requests_aborted_total)
-        yield self._gauge("edgeacc:running_bound", "Requests that may run at once now (follows tpot_slo_ms)",
+        yield self._gauge("edgeacc:running_bound", "Requests that may run at once now (holds tpot_slo_ms if set)",
                           s.running_bound)
+        if s.targets:
+            yield self._targets(s.targets)
         yield self._gauge("edgeacc:reserved_pages", "KV pages held or reserved by admitted requests", s.reserved_pages)
         yield self._gauge("edgeacc:new_token_ratio", "Share of remaining max_tokens a KV reservation counts",
                           s.new_token_ratio)
@@ -120,6 +122,16 @@ class _Snapshot:
             yield self._gauge("edgeacc:num_prefilling_reqs", "Requests whose prompt is in the prefill server",
                               s.num_prefilling)
 
+
+    def _targets(self, targets: list[TargetStats]) -> GaugeMetricFamily:
+        """Latency targets in force: the user's SLOs or derived ones (absent while there is none)."""
+        family = GaugeMetricFamily("edgeacc:slo_target_ms", "Latency target in force, by what it bounds and "
+                                   "where it comes from (user SLO or derived from measurement)",
+                                   labels=[*self.labels, "target", "source"])
+        for t in targets:
+            if t.ms is not None:
+                family.add_metric([*self.labels.values(), t.name, t.source], t.ms)
+        return family
 
     def _hicache(self, h: HiCacheStats, num_loading: int) -> Iterable[Metric]:
         """The KV offload tier, under SGLang's HiCache names where it has them."""

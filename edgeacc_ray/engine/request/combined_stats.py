@@ -9,7 +9,7 @@ import dataclasses
 from edgeacc_ray.engine.request.latency_metrics import HistogramSnapshot, LatencySnapshot
 from edgeacc_ray.engine.request.outputs import EngineStats, HiCacheStats
 
-_FIRST = {"page_size", "pd_mode", "split"}  # the same on every replica, or one pair's own
+_FIRST = {"page_size", "pd_mode", "split", "targets"}  # the same on every replica, or one pair's own
 _HICACHE_NODE = {"page_size", "page_nbytes", "store_pages", "store_bytes", "store_budget_bytes"}  # one store per node
 
 

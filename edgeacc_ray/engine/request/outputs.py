@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edgeacc_ray.engine.request.latency_metrics import LatencySnapshot
+from edgeacc_ray.engine.request.slo_targets import TargetStats
 
 
 @dataclass
@@ -132,6 +133,7 @@ class EngineStats:
     num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
     split: SplitStats | None = None
     latency: LatencySnapshot | None = None
+    targets: list[TargetStats] = field(default_factory=list)  # latency targets in force (slo_targets.py)
     # Admission (engine/scheduling/admission.py, running_bound.py, queue_bounds.py).
     running_bound: int = 0  # requests that may run at once now (follows tpot_slo_ms, at most max_num_seqs)
     reserved_pages: int = 0  # pages held by admitted requests plus those their reservations still expect

@@ -1,5 +1,6 @@
 """How many requests may run at once: a bound between 1 and `max_num_seqs` that follows measured TPOT
-against `tpot_slo_ms`, so a larger batch is only let in while decode keeps its target.
+against the user's `tpot_slo_ms`, so a larger batch is only let in while decode keeps that SLO. There
+is no default target: the bound may cut throughput only for an SLO the user asked for.
 
 A window closes once it spans `window_s` and holds MIN_SAMPLES TPOT samples (the time between
 consecutive decode steps), as split_controller.window_closes says: a window of fixed length would hold
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from edgeacc_ray.engine.request import TargetStats
 from edgeacc_ray.engine.split import MIN_SAMPLES, p90, window_closes
 
 HEADROOM = 0.8
@@ -36,6 +38,10 @@ class RunningBound:
 
     def __post_init__(self) -> None:
         self.value = self.value or self.max_num_seqs
+
+    def target(self) -> TargetStats:
+        user = self.tpot_slo_ms is not None
+        return TargetStats("running_bound_tpot", self.tpot_slo_ms, "user" if user else "none", None)
 
     def held_back(self) -> None:
         """A request could not start because of the bound."""

@@ -7,17 +7,19 @@
   cores it ran on, and a phase stops borrowing cores when it measurably computes no faster with them
   (on a small box the lent core is also the HTTP stack's, and an OpenMP thread that must share a core
   stalls the whole step). The verdict is forgotten every `probe_s`, so lending is tried again.
-- SLOs: a window closes once it spans `window_s` and holds MIN_SAMPLES of both TTFT and TPOT (a
+- Targets: a window closes once it spans `window_s` and holds MIN_SAMPLES of both TTFT and TPOT (a
   fixed-length window would hold too few exactly when they are slowest), or is dropped after
-  STALE_WINDOWS x `window_s` without them; its p90 TTFT and TPOT against `ttft_slo_ms` / `tpot_slo_ms`
-  move the base share by one core, toward the phase that misses its target while the other has
-  headroom (< 80% of its target); each phase always keeps at least one core (Semi-PD's floor).
+  STALE_WINDOWS x `window_s` without them; its p90 TTFT and TPOT against the targets (the user's SLOs,
+  else derived from the fastest windows measured: slo_targets.py) move the base share by one core,
+  toward the phase that misses its target while the other has headroom (< 80% of its target); each
+  phase always keeps at least one core (Semi-PD's floor).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from edgeacc_ray.engine.split.core_split import CoreSplit
+from edgeacc_ray.engine.request import LatencyTarget, TargetStats
 
 HEADROOM = 0.8
 MIN_SAMPLES = 8  # a window stays open until it has this many samples (of each kind it needs)
@@ -41,8 +43,8 @@ def p90(values: list[float]) -> float:
 @dataclass
 class SplitController:
     cores: tuple[int, ...]
-    ttft_slo_ms: float
-    tpot_slo_ms: float
+    ttft_slo_ms: float | None  # the user's; None: derived
+    tpot_slo_ms: float | None
     window_s: float = 2.0
     idle_grace_s: float = 0.05
     lend_idle_cores: bool = True  # False: each phase keeps its share even when it has nothing to do
@@ -59,8 +61,12 @@ class SplitController:
     _split: CoreSplit | None = None
     _rates: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)  # (role, cores) -> (ewma, n)
     _probe_at: float = 0.0
+    ttft_target: LatencyTarget = field(init=False)
+    tpot_target: LatencyTarget = field(init=False)
 
     def __post_init__(self) -> None:
+        self.ttft_target = LatencyTarget("split_ttft", self.ttft_slo_ms)
+        self.tpot_target = LatencyTarget("split_tpot", self.tpot_slo_ms)
         self.cores = tuple(sorted(self.cores))
         if not self.cores:
             raise ValueError("the split needs at least one core")
@@ -120,6 +126,9 @@ class SplitController:
             self._split = split
         return split
 
+    def targets(self) -> list[TargetStats]:
+        return [self.ttft_target.stats(), self.tpot_target.stats()]
+
     @property
     def current(self) -> CoreSplit | None:
         return self._split
@@ -133,10 +142,12 @@ class SplitController:
         if enough:
             ttft, tpot = p90(self._ttft), p90(self._tpot)
             self.last_ttft_p90_ms, self.last_tpot_p90_ms = ttft, tpot
-            n = len(self.cores)
-            if ttft > self.ttft_slo_ms and tpot < HEADROOM * self.tpot_slo_ms and self.base < n - 1:
+            self.ttft_target.observe(ttft)
+            self.tpot_target.observe(tpot)
+            ttft_ms, tpot_ms, n = self.ttft_target.ms, self.tpot_target.ms, len(self.cores)
+            if ttft > ttft_ms and tpot < HEADROOM * tpot_ms and self.base < n - 1:
                 self.base += 1
-            elif tpot > self.tpot_slo_ms and ttft < HEADROOM * self.ttft_slo_ms and self.base > 1:
+            elif tpot > tpot_ms and ttft < HEADROOM * ttft_ms and self.base > 1:
                 self.base -= 1
         self._ttft.clear()
         self._tpot.clear()

@@ -82,7 +82,8 @@ def router(ctx: ApiContext) -> APIRouter:
                         "requests_finished_total": stats.requests_finished_total,
                         "requests_aborted_total": stats.requests_aborted_total,
                         "num_prefilling_reqs": stats.num_prefilling,
-                        "semi_pd_split": dataclasses.asdict(stats.split) if stats.split is not None else None}
+                        "semi_pd_split": dataclasses.asdict(stats.split) if stats.split is not None else None,
+                        "slo_targets": {t.name: dataclasses.asdict(t) for t in stats.targets}}
         return {**ctx.config.public_dict(), "served_model_name": ctx.model_name, "model_info": info,
                 "internal_states": [internal], "version": edgeacc_ray.__version__, "mode": ctx.config.pd_mode}
 
