@@ -80,7 +80,7 @@ def test_without_a_target_the_bound_is_max_num_seqs():
 def test_the_default_has_no_tpot_target_and_never_cuts_the_bound():
     """A default TPOT target would be a constant tuned on another box: without the user's SLO the
     bound stays at max_num_seqs however slow decode is, and says it has no target."""
-    from edgeacc_ray.config import EngineSettings
+    from edgeacc_ray.config.engine import EngineSettings
 
     assert EngineSettings().tpot_slo_ms is None
     bound = RunningBound(max_num_seqs=64, tpot_slo_ms=EngineSettings().tpot_slo_ms)
