@@ -1,8 +1,9 @@
-"""The native engine with the KV offload tier (enable_hierarchical_cache) on a real Ray cluster: prompts
-whose pages were evicted from a tiny device pool come back from the tier, and their greedy output still
-equals HF transformers token for token (fp32), also under retraction and with Semi-PD; a second engine
-(another replica) reuses the first one's pages; loaded pages are never written back; a request aborted
-while its prefix loads returns its pages; the counters reach /metrics; the settings and ENABLE_EDGE_ACC."""
+"""The native engine with the KV offload tier (enable_hierarchical_cache) on a real Ray cluster: a page
+is written at its first reuse, never when used once; reused prompts whose pages were evicted from a tiny
+device pool come back from the tier, and their greedy output still equals HF transformers token for
+token (fp32), also under retraction and with Semi-PD; a second engine (another replica) reuses the first
+one's pages; loaded pages are never written back; a request aborted while its prefix loads returns its
+pages; the counters reach /metrics; the settings and ENABLE_EDGE_ACC."""
 from __future__ import annotations
 
 import asyncio
@@ -74,6 +75,17 @@ def settle(llm: LLM) -> None:
     assert llm.engine.tier.client.flush(30)
 
 
+def use_twice(llm: LLM, batch: list[list[int]], params: SamplingParams = GREEDY) -> list:
+    """Run each prompt twice in a row: the second run reuses its pages from the device pool, which
+    sends them to the tier (a page used once never goes there). Returns the first runs' outputs."""
+    first = []
+    for prompt in batch:
+        first += llm.generate([prompt], params)
+        llm.generate([prompt], params)
+    settle(llm)
+    return first
+
+
 def prompts() -> list[list[int]]:
     """Six prompts of 41..76 tokens: about 100 pages in all, the pool holds 40."""
     return [random_ids(100 + i, 41 + 7 * i) for i in range(6)]
@@ -82,34 +94,45 @@ def prompts() -> list[list[int]]:
 def test_prompts_evicted_from_the_pool_come_back_from_the_tier_and_equal_hf(store, hf_greedy):
     batch = prompts()
     llm = tiered(store)
-    first = llm.generate(batch, GREEDY)
+    first = use_twice(llm, batch)
     assert sum(o.num_cached_tokens for o in first) == 0
-    settle(llm)
+    before = llm.engine.stats()
     again = llm.generate(batch, GREEDY)
     for prompt, a, b in zip(batch, first, again):
         assert a.token_ids == b.token_ids == hf_greedy(prompt), len(prompt)
         assert b.num_cached_tokens >= (len(prompt) - 1) // PAGE * PAGE - PAGE  # all but the last page or two
     stats = llm.engine.stats()
-    assert stats.host_cached_prompt_tokens_total > 0.5 * stats.cached_prompt_tokens_total  # the pool kept little
-    assert stats.cached_prompt_tokens_total == sum(o.num_cached_tokens for o in again)
+    host = stats.host_cached_prompt_tokens_total - before.host_cached_prompt_tokens_total
+    cached = stats.cached_prompt_tokens_total - before.cached_prompt_tokens_total
+    assert host > 0.5 * cached  # the pool kept little
+    assert cached == sum(o.num_cached_tokens for o in again)
     assert stats.hicache.pages_loaded_total * PAGE >= stats.host_cached_prompt_tokens_total
     assert stats.hicache.pages_written_total > 0 and stats.hicache.loads_total > len(batch)
     assert_pool_idle(llm)
     llm.close()
 
 
-def test_pages_are_written_once_and_loaded_pages_never_written_back(store):
+def test_a_page_used_once_is_not_written_a_reused_one_is_once_and_loaded_pages_never_go_back(store):
     batch = prompts()
     llm = tiered(store, new_token_ratio_init=1.0, new_token_ratio_min=1.0)  # whole reservations: no retraction
     llm.generate(batch, GREEDY)
     settle(llm)
+    assert llm.engine.stats().hicache.pages_written_total == 0  # random prompts, each seen once: nothing stored
+    reused = 0
+    for prompt in batch:  # each twice more: the first repeat's full prompt pages come from the pool and go on
+        llm.generate([prompt], GREEDY)  # (evicted since round one by the other prompts: computed, used once)
+        [out] = llm.generate([prompt], GREEDY)
+        assert out.num_cached_tokens == (len(prompt) - 1) // PAGE * PAGE
+        reused += out.num_cached_tokens // PAGE
+        llm.generate([prompt], GREEDY)  # another use sends nothing more
+    settle(llm)
     written = llm.engine.stats().hicache.pages_written_total
-    # every full page computed in round one, each once: (prompt + output - the last sampled token) // PAGE
-    assert written == sum((len(p) + NEW_TOKENS - 1) // PAGE for p in batch)
-    llm.engine.flush_cache()  # round two's prefixes come from the tier only
+    assert written == reused
+    llm.engine.flush_cache()  # the next prefixes come from the tier only
     again = llm.generate(batch, GREEDY)
-    computed = sum((len(p) + NEW_TOKENS - 1) // PAGE - o.num_cached_tokens // PAGE for p, o in zip(batch, again))
-    assert llm.engine.stats().hicache.pages_written_total - written == computed  # only what was computed again
+    assert sum(o.num_cached_tokens for o in again) == llm.engine.stats().host_cached_prompt_tokens_total > 0
+    settle(llm)
+    assert llm.engine.stats().hicache.pages_written_total == written  # loaded pages are never sent back
     llm.close()
 
 
@@ -119,8 +142,10 @@ def test_second_engine_continues_the_conversation_from_the_tier(store, hf_greedy
     turn1 = random_ids(7, 61)
     first = tiered(store)
     [answer] = first.generate([turn1], GREEDY)
+    history = turn1 + answer.token_ids
+    first.generate([history], SamplingParams(temperature=0.0, max_tokens=1))  # the history reused: stored
     first.close()  # sends what it queued
-    turn2 = turn1 + answer.token_ids + random_ids(8, 13)
+    turn2 = history + random_ids(8, 13)
     second = tiered(store)
     [reply] = second.generate([turn2], GREEDY)
     assert reply.token_ids == hf_greedy(turn2)
@@ -137,8 +162,7 @@ def test_retraction_with_the_tier_equals_hf(store, hf_greedy):
     n = 30
     llm = tiered(store, num_pages=24, **OPTIMISTIC)
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    llm.generate(batch, params)
-    settle(llm)
+    use_twice(llm, batch, params)
     outputs = llm.generate(batch, params)
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats().host_cached_prompt_tokens_total > 0
     for prompt, out in zip(batch, outputs):
@@ -152,8 +176,7 @@ def test_semi_pd_decode_side_loads_from_the_tier(store, hf_greedy):
     batch = prompts()[:4]
     llm = tiered(store, num_pages=48, semi_pd=SemiPDConfig(prefill_batch_tokens=64))
     try:
-        llm.generate(batch, GREEDY)
-        settle(llm)
+        use_twice(llm, batch)
         again = llm.generate(batch, GREEDY)
         for prompt, out in zip(batch, again):
             assert out.token_ids == hf_greedy(prompt), len(prompt)
@@ -166,8 +189,7 @@ def test_semi_pd_decode_side_loads_from_the_tier(store, hf_greedy):
 def test_loading_request_counts_as_admitted_and_returns_its_pages_on_abort(store):
     prompt = random_ids(50, 60)
     llm = tiered(store, max_num_seqs=1)
-    llm.generate([prompt], GREEDY)
-    settle(llm)
+    use_twice(llm, [prompt])
     engine = llm.engine
     engine.flush_cache()  # the device forgets: the prefix is only in the tier now
     engine.add_request("loading", prompt, GREEDY)
@@ -198,6 +220,7 @@ def test_async_engine_wakes_when_a_read_comes_back(store, hf_greedy):
 
     try:
         asyncio.run(asyncio.wait_for(run("cold"), 60))
+        asyncio.run(asyncio.wait_for(run("reused"), 60))  # the second use sends the prompt's pages
         assert engine.engine.tier.client.flush(30)
         engine.flush_cache()
         chunks = asyncio.run(asyncio.wait_for(run("from-tier"), 60))
@@ -210,8 +233,7 @@ def test_async_engine_wakes_when_a_read_comes_back(store, hf_greedy):
 def test_tier_counters_reach_metrics(store):
     batch = prompts()[:3]
     llm = tiered(store)
-    llm.generate(batch, GREEDY)
-    settle(llm)
+    use_twice(llm, batch)
     llm.engine.flush_cache()
     llm.generate(batch, GREEDY)
     stats = llm.engine.stats()

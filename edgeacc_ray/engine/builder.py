@@ -112,7 +112,7 @@ def build_parts(config: EngineConfig, prefill_executor: PrefillExecutor | None =
         model = Rank0Model(model, tp_ranks)
     runner = ModelRunner(model, args, num_pages, config.page_size, workspace_bytes, kv_cache, cuda)
     block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
-                                 record_new_pages=config.enable_hierarchical_cache)
+                                 record_reused_pages=config.enable_hierarchical_cache)
     tier: KVTier | None = None
     if config.enable_hierarchical_cache:
         from edgeacc_ray.engine.kv import KVTier

@@ -44,6 +44,7 @@ class LLMEngine:
         self.counters = dict(prompt=0, generation=0, cached=0, host_cached=0, finished=0, aborted=0, rejected=0,
                              queue_timeouts=0)
         self._num_admitted = 0  # scheduler.num_admitted at the last step (for the drain rate)
+        self.compute_seconds = 0.0  # in forwards and sampling: the rest of the wall time this engine idled
         self._last_decode_at: float | None = None
         self.latency = LatencyMetrics()
         torch.manual_seed(config.seed)
@@ -106,6 +107,7 @@ class LLMEngine:
         if samplers:
             tokens, logprobs = sample(logits, samplers)
             outputs += self._postprocess(batch, samplers, tokens, logprobs, started)
+        self.compute_seconds += time.perf_counter() - started
         return outputs
 
     def _schedule(self) -> tuple[list[RequestOutput], ScheduledBatch]:
@@ -113,7 +115,7 @@ class LLMEngine:
         tokens are the outputs returned here), then hand it new ones."""
         outputs = self._merge_prefills() if self.dispatcher is not None else []
         if self.tier is not None:
-            self.tier.write_through()  # the prompts just merged: before schedule() can reuse a freed page
+            self.tier.write_reused()  # before schedule() can reuse a freed page
         budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
         scheduled_at = time.monotonic()
         self._expire_waiting(scheduled_at)
@@ -134,7 +136,7 @@ class LLMEngine:
 
     def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward over the batch (the constrained rows' masks are computed meanwhile); then the
-        pages it filled are keyed, and written to the tier. Returns the logits of the rows that sample."""
+        pages it filled are keyed, and the reused ones written to the tier. Returns the logits of the rows that sample."""
         masks = self._masks.submit(self._fill_masks, batch) if any(s.matcher for s, _ in batch.items) else None
         logits, samplers = self.runner.run(batch)
         if masks is not None:
@@ -143,7 +145,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.commit_full_pages(seq)
         if self.tier is not None:
-            self.tier.write_through()
+            self.tier.write_reused()  # the pages schedule() just matched
         return logits, samplers
 
     def _postprocess(self, batch: ScheduledBatch, samplers: list[Sequence], tokens: list[int], logprobs: list,
@@ -326,7 +328,7 @@ class LLMEngine:
             reserved_pages=bm.num_pages - bm.num_free_pages + self.scheduler.committed_pages(),
             new_token_ratio=self.scheduler.admission.ratio, retractions_total=self.scheduler.num_preemptions,
             rejected_total=c["rejected"], queue_timeouts_total=c["queue_timeouts"],
-            drain_rate=self.queue_bounds.drain.per_s or 0.0,
+            drain_rate=self.queue_bounds.drain.per_s or 0.0, compute_seconds_total=self.compute_seconds,
             targets=[self.running_bound.target()] + (self.split.targets() if self.split is not None else []))
 
     def _split_stats(self) -> SplitStats | None:

@@ -102,6 +102,9 @@ class _Snapshot:
                             s.rejected_total)
         yield self._counter("edgeacc:queue_timeouts_total", "Requests dropped after queue_timeout_s (HTTP 503)",
                             s.queue_timeouts_total)
+        yield self._counter("edgeacc:engine_compute_seconds_total", "Seconds the engine's step loop spent in "
+                            "forwards and sampling (Semi-PD: the decode side); the rest of the time it idled",
+                            s.compute_seconds_total)
         yield self._gauge("edgeacc:num_free_pages", "Free KV pages (cached pages excluded)", s.num_free_pages)
         yield self._gauge("edgeacc:num_cached_pages", "Evictable prefix-cache KV pages", s.num_cached_pages)
         if s.hicache is not None:
@@ -119,6 +122,8 @@ class _Snapshot:
                                 split.moves_total)
             yield self._counter("edgeacc:semi_pd_prefill_batches_total", "Batches sent to the prefill server",
                                 split.prefill_batches_total)
+            yield self._counter("edgeacc:semi_pd_prefill_compute_seconds_total", "Seconds the prefill server "
+                                "computed batches", split.prefill_compute_seconds_total)
             yield self._gauge("edgeacc:num_prefilling_reqs", "Requests whose prompt is in the prefill server",
                               s.num_prefilling)
 

@@ -3,8 +3,9 @@
 A full page's key is hash(parent page's key, the page's token ids), so equal prefixes give equal
 keys in every process (`edgeacc_ray.prefix_keys`). Pages no sequence references stay cached under their key
 until a new allocation needs them; the least recently released goes first. With the offload tier
-(engine/kv/tier.py) the block manager also lists the pages it keys as they are computed
-(`take_new_pages`), and takes in pages the tier brought back (`attach`).
+(engine/kv/tier.py) the block manager also lists cached pages when a new sequence's prefix match reuses them
+(`take_reused_pages`, at their second use: a page read once is never worth sending), and takes in
+pages the tier brought back (`attach`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from edgeacc_ray.prefix_keys import full_page_keys
 
 
 @dataclass
-class NewPages:
-    """Consecutive pages of one chain keyed for the first time: keys[0]'s parent is `parent`."""
+class ReusedPages:
+    """Consecutive pages of one chain reused for the first time: keys[0]'s parent is `parent`."""
 
     parent: bytes
     keys: list[bytes]
@@ -26,12 +27,13 @@ class NewPages:
 
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 record_new_pages: bool = False) -> None:
-        """`record_new_pages`: list the pages computed and keyed here for `take_new_pages`."""
+                 record_reused_pages: bool = False) -> None:
+        """`record_reused_pages`: list cached pages at their first reuse for `take_reused_pages`."""
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.new_pages: list[NewPages] | None = [] if record_new_pages else None
+        self.reused_pages: list[ReusedPages] | None = [] if record_reused_pages else None
+        self.listed = [False] * num_pages  # listed for the tier (or came from it) in this stay under its key
         self.ref_count = [0] * num_pages
         self.key_of_page: list[bytes | None] = [None] * num_pages
         self.page_of_key: dict[bytes, int] = {}
@@ -56,13 +58,24 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.page_size
+        run: ReusedPages | None = None
         for key in full_page_keys(seq.token_ids, size, 0, seq.num_cacheable_tokens // size):
             page = self.page_of_key.get(key)
             if page is None:
                 break
             self._acquire(page)
+            parent = seq.last_page_key
             seq.page_table.append(page)
             seq.page_keys.append(key)
+            if self.reused_pages is None or self.listed[page]:
+                run = None
+                continue
+            self.listed[page] = True
+            if run is None:
+                run = ReusedPages(parent, [], [])
+                self.reused_pages.append(run)
+            run.keys.append(key)
+            run.pages.append(page)
         seq.num_computed_tokens = len(seq.page_table) * size
         if seq.num_output_tokens == 0:  # a preempted sequence keeps the count of its first admission
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -82,31 +95,21 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         size = self.page_size
-        run: NewPages | None = None
         start, end = len(seq.page_keys), seq.num_computed_tokens // size
         for index, key in enumerate(full_page_keys(seq.token_ids, size, start, end, seq.last_page_key), start):
-            parent = seq.last_page_key
             seq.page_keys.append(key)
             page = seq.page_table[index]
             if key in self.page_of_key or self.key_of_page[page] is not None:
-                run = None  # computed twice (another sequence keyed it first): listed once, by it
-                continue
+                continue  # computed twice (another sequence keyed it first)
             self.page_of_key[key] = page
             self.key_of_page[page] = key
-            if self.new_pages is None:
-                continue
-            if run is None:
-                run = NewPages(parent, [], [])
-                self.new_pages.append(run)
-            run.keys.append(key)
-            run.pages.append(page)
 
-    def take_new_pages(self) -> list[NewPages]:
-        """The pages keyed by `commit_full_pages` since the last call, in the order they were keyed
-        (a parent before its children). Read their KV before the next allocation can reuse them."""
-        if not self.new_pages:  # none since the last call, or not recording
+    def take_reused_pages(self) -> list[ReusedPages]:
+        """The pages `match_prefix` reused for the first time since the last call, a parent before its
+        children. Their sequences hold them, so their KV stays put until the caller reads it."""
+        if not self.reused_pages:  # none since the last call, or not recording
             return []
-        runs, self.new_pages = self.new_pages, []
+        runs, self.reused_pages = self.reused_pages, []
         return runs
 
     def attach(self, seq: Sequence, keys: list[bytes]) -> list[tuple[int, int]]:
@@ -125,6 +128,7 @@ class BlockManager:
                 page = self._take_page()
                 self.page_of_key[key] = page
                 self.key_of_page[page] = key
+                self.listed[page] = True  # the tier has it: never sent back
                 fresh.append((index, page))
             seq.page_table.append(page)
             seq.page_keys.append(key)
@@ -163,4 +167,5 @@ class BlockManager:
         page, _ = self.evictable.popitem(last=False)
         del self.page_of_key[self.key_of_page[page]]
         self.key_of_page[page] = None
+        self.listed[page] = False
         return page

@@ -1,12 +1,14 @@
-"""The engine's side of the KV offload tier (kv_store/, the native engine's SGLang HiCache): every full
-page is written through to the node's store, and the part of an admitted prompt's prefix that the
+"""The engine's side of the KV offload tier (kv_store/, the native engine's SGLang HiCache): pages that
+are reused are written to the node's store, and the part of an admitted prompt's prefix that the
 device pool lacks is read back from it while the running batch goes on.
 
-Write-through, not write-back on eviction: a page is sent when it is keyed after being computed
-(`BlockManager.take_new_pages`), once per stay in the pool, so evicting it later costs nothing and
-the other replicas on the node can use it at once. Pages that came from the tier are never sent
-back; one computed again after its eviction (a tier miss) is sent again, and the store counts it as
-present. The step loop only gathers the new pages out of the pool (one index copy); the tier
+Selective write-through (SGLang's write_through_selective, at its threshold of two uses): a page is
+sent when a new prompt's prefix match reuses it for the first time (`BlockManager.take_reused_pages`),
+once per stay in the pool. A page used once, the prompt of a request that never recurs, is never
+sent: writing every page cost the store actor a busy core on random prompts and bought nothing. A
+conversation's pages are reused by its next turn, so they reach the store before the pool evicts
+them, and other replicas on the node can read them. Pages that came from the tier are never sent
+back. The step loop only gathers the listed pages out of the pool (one index copy); the tier
 client's thread packs and sends them in batches, and drops them if it falls behind.
 
 Reads: at admission, after the device match, the prompt's remaining full-page keys (never the page
@@ -108,10 +110,10 @@ class KVTier:
         return cls(KVTierClient(identity, budget_bytes, store_name=store_name), block_manager, kv_cache)
 
     # -- writes ---------------------------------------------------------------------------------
-    def write_through(self) -> None:
-        """Send the pages keyed since the last call. Call it after each commit, before anything can
+    def write_reused(self) -> None:
+        """Send the pages reused for the first time since the last call. Call it before anything can
         allocate (a page freed meanwhile may be reused and overwritten)."""
-        runs = self.block_manager.take_new_pages()
+        runs = self.block_manager.take_reused_pages()
         if not runs:
             return
         ids = torch.tensor([page for run in runs for page in run.pages], device=self.kv_cache.device)

@@ -92,7 +92,7 @@ class HiCacheStats:
     """The KV offload tier as one engine sees it: its counters since start, and the node's store as of
     its last answer (all engines and models on the node; zero until it answered)."""
 
-    pages_written_total: int  # pages sent to the tier (write-through, each once per stay in the pool)
+    pages_written_total: int  # pages sent to the tier (at their first reuse, each once per stay in the pool)
     loads_total: int  # tier reads started for admitted prompts
     pages_loaded_total: int  # pages read back into the device pool
     load_misses_total: int  # reads that brought no page (a miss, a failed or timed-out call)
@@ -142,6 +142,7 @@ class EngineStats:
     rejected_total: int = 0  # refused on arrival: queue full or predicted wait too long
     queue_timeouts_total: int = 0  # dropped after waiting longer than queue_timeout_s
     drain_rate: float = 0.0  # requests started per second while some waited (0: not measured yet)
+    compute_seconds_total: float = 0.0  # the step loop in forwards and sampling (Semi-PD: the decode side's)
     # The KV offload tier (engine/kv/tier.py); None when it is off.
     host_cached_prompt_tokens_total: int = 0  # of cached_prompt_tokens_total, those loaded from the tier
     num_loading: int = 0  # admitted requests whose prefix is being read from the tier
