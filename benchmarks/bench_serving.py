@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -33,6 +34,7 @@ from benchmarks.datasets import (
     sharegpt_like,
 )
 from benchmarks.metrics import summarize
+from benchmarks.process_cpu import ProcessCPU
 from benchmarks.report import append_jsonl
 from benchmarks.targets import Target, running
 
@@ -42,7 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 SUMMARY_KEYS = ("completed", "failed", "duration_s", "request_throughput", "output_throughput",
                 "total_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms",
-                "mean_e2e_ms", "concurrency", "busy_cores_before", "busy_cores_after")
+                "mean_e2e_ms", "concurrency", "busy_cores_before", "busy_cores_after", "process_cores",
+                "engine_busy_fraction")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -64,6 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     load.add_argument("--max-concurrency", help="one level or a sweep, e.g. 16,32,64 ('inf' = no cap)")
     load.add_argument("--request-rate", type=float, default=math.inf,
                       help="Poisson arrival rate in requests/s (default inf: all at once, capped by concurrency)")
+    load.add_argument("--one-server-at-a-time", action="store_true",
+                      help="start each launched target (cmd:) alone and run every level on it before the next, so "
+                           "no other server's processes share the host (default: all up, levels interleaved)")
     args = p.parse_args(argv)
     cli.apply_scale(args, PRESETS)
     if args.dataset == "sharegpt" and not args.dataset_path:
@@ -127,6 +133,8 @@ async def run_benchmark(
                 bar.update(1)
                 return result
 
+            engine0 = await engine_compute_seconds(client, target.url)
+            processes = ProcessCPU.start() if os.path.isdir("/proc") else None
             cpu0, t0 = time.process_time(), time.perf_counter()
             tasks = []
             for req in requests:
@@ -136,9 +144,32 @@ async def run_benchmark(
             results = await asyncio.gather(*tasks)
             duration = time.perf_counter() - t0
             client_cpu = time.process_time() - cpu0
+            shares = processes.shares() if processes is not None else None
+            engine1 = await engine_compute_seconds(client, target.url)
     host = {"busy_cores_before": busy_before, "busy_cores_after": await cli.busy_cores(settle=True),
-            "client_cpu_s": client_cpu}
+            "client_cpu_s": client_cpu, "process_cores": shares,
+            "engine_busy_fraction": {k: round((engine1[k] - v) / duration, 3) for k, v in engine0.items()
+                                     if k in engine1} or None}
     return list(results), duration, host
+
+
+ENGINE_COMPUTE_METRICS = {"decode": "edgeacc:engine_compute_seconds_total",
+                          "prefill": "edgeacc:semi_pd_prefill_compute_seconds_total"}
+
+
+async def engine_compute_seconds(client: Any, url: str) -> dict[str, float]:
+    """Seconds EdgeAcc's engines have computed so far, by role, from /metrics (empty for other servers):
+    their difference over a run, divided by its wall time, is how busy each engine was."""
+    try:
+        text = (await client.get(url + "/metrics", timeout=10)).text
+    except Exception:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        for role, name in ENGINE_COMPUTE_METRICS.items():
+            if line.startswith(name + "{"):
+                found[role] = found.get(role, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
 
 
 async def _served_model(url: str, wanted: str) -> str:
@@ -155,10 +186,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     levels = concurrency_levels(args.max_concurrency)
     jsonl = out / "results.jsonl"
     records: list[dict[str, Any]] = []
+    groups = [[t] for t in targets] if args.one_server_at_a_time else [targets]
+    requests_by_level = [build_requests(args, tokenizer, args.seed + i) for i in range(len(levels))]
+    for group in groups:
+        records += _run_group(group, levels, requests_by_level, args, tokenizer, out, jsonl)
+    header = (f"# Serving benchmark\n\n`{cli.command_line('benchmarks.bench_serving', argv)}`\n\n"
+              f"dataset {args.dataset}, {args.num_prompts} prompts per run, api {args.api}, "
+              f"request rate {args.request_rate}, ignore_eos {args.ignore_eos}, seed {args.seed}\n")
+    cli.finish(records, out, args.baseline, header)
+    return records
+
+
+def _run_group(targets: Sequence[Target], levels: list[int | None], requests_by_level: list[list[Request]],
+               args: argparse.Namespace, tokenizer: Any, out: Any, jsonl: Any) -> list[dict[str, Any]]:
+    """Every level on `targets`, which are up together (levels outer, targets inner)."""
+    records: list[dict[str, Any]] = []
     with running(targets, out):
         models = {t.name: asyncio.run(_served_model(t.url, args.model)) for t in targets}
         for i, concurrency in enumerate(levels):
-            requests = build_requests(args, tokenizer, args.seed + i)
+            requests = requests_by_level[i]
             for target in targets:
                 results, duration, host = asyncio.run(run_benchmark(
                     target, models[target.name], requests, concurrency, args.request_rate, args, tokenizer,
@@ -174,10 +220,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 append_jsonl(jsonl, record)
                 records.append(record)
                 cli.print_summary(f"{target.name}, max concurrency {concurrency or 'inf'}", record, SUMMARY_KEYS)
-    header = (f"# Serving benchmark\n\n`{cli.command_line('benchmarks.bench_serving', argv)}`\n\n"
-              f"dataset {args.dataset}, {args.num_prompts} prompts per run, api {args.api}, "
-              f"request rate {args.request_rate}, ignore_eos {args.ignore_eos}, seed {args.seed}\n")
-    cli.finish(records, out, args.baseline, header)
     return records
 
 

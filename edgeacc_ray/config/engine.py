@@ -84,9 +84,10 @@ class EngineSettings(BaseModel):
         "always (flashinfer); torch: the built-in path. CPU always uses torch")
     enable_prefix_caching: bool = True
     enable_hierarchical_cache: bool = Field(
-        False, description="offload tier (kv_store/, SGLang's HiCache): every full KV page is also written to "
-        "the node's store in the Ray object store, and a prompt's prefix missing from the device pool is "
-        "loaded from there; needs enable_prefix_caching and a Ray cluster")
+        False, description="offload tier (kv_store/, SGLang's HiCache): a full KV page is also written to the "
+        "node's store in the Ray object store when it is first reused (a page used once never is), and a "
+        "prompt's prefix missing from the device pool is loaded from there; needs enable_prefix_caching and a "
+        "Ray cluster")
     kv_cache_offload_memory_gb: float = Field(
         4.0, gt=0, description="byte budget of the node's tier store, applied by the engine that creates it "
         "(at most half of the node's object store)")
