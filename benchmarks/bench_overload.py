@@ -11,6 +11,7 @@ of completed requests per second of the run), TTFT and TPOT percentiles of the c
 the peak RSS of the application's Serve replica processes, and the KV pages still in use 30 s later.
 Targets run one after the other at each client count (the idle one computes nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,7 +90,9 @@ async def pages_in_use(client, base: str, wait_s: float = 30.0) -> int | None:
     return used
 
 
-async def one_client(client, base: str, model: str, prompt: str, args, deadline: float) -> tuple[RequestResult, int]:
+async def one_client(
+    client, base: str, model: str, prompt: str, args, deadline: float
+) -> tuple[RequestResult, int]:
     attempts = 0
     while True:
         attempts += 1
@@ -104,7 +107,9 @@ async def run_level(name: str, base: str, app: str, clients: int, args) -> Outco
         model = await served_model(client, base, args.model)
         rng = random.Random(clients)
         words = "alpha beta gamma delta river stone cloud light paper glass".split()
-        prompts = [" ".join(rng.choice(words) for _ in range(args.prompt_len)) for _ in range(clients)]
+        prompts = [
+            " ".join(rng.choice(words) for _ in range(args.prompt_len)) for _ in range(clients)
+        ]
         peak = 0.0
         done = asyncio.Event()
 
@@ -117,7 +122,10 @@ async def run_level(name: str, base: str, app: str, clients: int, args) -> Outco
         watcher = asyncio.ensure_future(watch_rss())
         start = time.perf_counter()
         deadline = time.monotonic() + args.time_limit
-        tasks = [asyncio.ensure_future(one_client(client, base, model, p, args, deadline)) for p in prompts]
+        tasks = [
+            asyncio.ensure_future(one_client(client, base, model, p, args, deadline))
+            for p in prompts
+        ]
         finished, pending = await asyncio.wait(tasks, timeout=args.time_limit + 60)
         for t in pending:
             t.cancel()
@@ -145,24 +153,41 @@ def report(o: Outcome) -> dict:
     ok = [r for r in o.results if r.success]
     tokens = sum(r.output_tokens for r in ok)
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
-    row = {"target": o.target, "clients": o.clients, "wall_s": round(o.wall_s, 1), "attempts": o.attempts,
-           "mix": o.mix, "goodput_tok_s": round(tokens / o.wall_s, 1),
-           "ttft_p50_s": round(pct([r.ttft for r in ok], 50), 3), "ttft_p99_s": round(pct([r.ttft for r in ok], 99), 3),
-           "tpot_p50_ms": round(1000 * pct(tpots, 50), 1), "tpot_p99_ms": round(1000 * pct(tpots, 99), 1),
-           "peak_rss_mb": round(o.peak_rss_mb), "pages_in_use_after": o.pages_in_use_after}
+    row = {
+        "target": o.target,
+        "clients": o.clients,
+        "wall_s": round(o.wall_s, 1),
+        "attempts": o.attempts,
+        "mix": o.mix,
+        "goodput_tok_s": round(tokens / o.wall_s, 1),
+        "ttft_p50_s": round(pct([r.ttft for r in ok], 50), 3),
+        "ttft_p99_s": round(pct([r.ttft for r in ok], 99), 3),
+        "tpot_p50_ms": round(1000 * pct(tpots, 50), 1),
+        "tpot_p99_ms": round(1000 * pct(tpots, 99), 1),
+        "peak_rss_mb": round(o.peak_rss_mb),
+        "pages_in_use_after": o.pages_in_use_after,
+    }
     print(json.dumps(row), flush=True)
     return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", nargs="+", required=True, help="name=http://127.0.0.1:PORT/ROUTE ...")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--targets", nargs="+", required=True, help="name=http://127.0.0.1:PORT/ROUTE ..."
+    )
     parser.add_argument("--model", default="small")
     parser.add_argument("--clients", default="256,1024,2048", help="client counts, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=32, help="words per prompt")
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per level (clients give up after)")
-    parser.add_argument("--retry", action="store_true", help="retry 429/503 after Retry-After until the time limit")
+    parser.add_argument(
+        "--time-limit", type=float, default=300.0, help="seconds per level (clients give up after)"
+    )
+    parser.add_argument(
+        "--retry", action="store_true", help="retry 429/503 after Retry-After until the time limit"
+    )
     parser.add_argument("--output", help="write the rows as JSON lines here")
     args = parser.parse_args(argv)
     targets = []
@@ -181,13 +206,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         best = max(r["goodput_tok_s"] for r in rows if r["target"] == name)
         for r in rows:
             if r["target"] == name:
-                print(f"{name} clients={r['clients']}: goodput {r['goodput_tok_s']} tok/s = "
-                      f"{r['goodput_tok_s'] / best:.2f} of its best; mix {r['mix']}")
+                print(
+                    f"{name} clients={r['clients']}: goodput {r['goodput_tok_s']} tok/s = "
+                    f"{r['goodput_tok_s'] / best:.2f} of its best; mix {r['mix']}"
+                )
     if args.output:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    print("median goodput per target:", {name: statistics.median(r["goodput_tok_s"] for r in rows if r["target"] == name)
-                                          for name, *_ in targets})
+    print(
+        "median goodput per target:",
+        {
+            name: statistics.median(r["goodput_tok_s"] for r in rows if r["target"] == name)
+            for name, *_ in targets
+        },
+    )
     return rows
 
 

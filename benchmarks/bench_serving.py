@@ -8,6 +8,7 @@ For each concurrency level, each target in turn runs the same requests (a fresh 
 so prefix caches do not carry over between levels). Writes results.jsonl (a record per run),
 report.md (seed-style tables) and a PNG per metric into the output folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,34 +43,72 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {"max_concurrency": "16,32,64", "num_prompts": 192, "context_len": 1024},
     "seed": {"max_concurrency": "16,32,64,128,256", "num_prompts": 1000, "context_len": 2048},
 }
-SUMMARY_KEYS = ("completed", "failed", "duration_s", "request_throughput", "output_throughput",
-                "total_throughput", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "mean_itl_ms",
-                "mean_e2e_ms", "concurrency", "busy_cores_before", "busy_cores_after", "process_cores",
-                "engine_busy_fraction")
+SUMMARY_KEYS = (
+    "completed",
+    "failed",
+    "duration_s",
+    "request_throughput",
+    "output_throughput",
+    "total_throughput",
+    "mean_ttft_ms",
+    "p99_ttft_ms",
+    "mean_tpot_ms",
+    "mean_itl_ms",
+    "mean_e2e_ms",
+    "concurrency",
+    "busy_cores_before",
+    "busy_cores_after",
+    "process_cores",
+    "engine_busy_fraction",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Flags; those left unset take the --scale preset."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_common_args(p, PRESETS)
     data = p.add_argument_group("dataset")
-    data.add_argument("--dataset", choices=["sharegpt-like", "sharegpt", "random"], default="sharegpt-like",
-                      help="built-in ShareGPT-like lengths (no download), a ShareGPT JSON file, or fixed lengths")
-    data.add_argument("--dataset-path", help="ShareGPT_V3_unfiltered_cleaned_split.json (for --dataset sharegpt)")
+    data.add_argument(
+        "--dataset",
+        choices=["sharegpt-like", "sharegpt", "random"],
+        default="sharegpt-like",
+        help="built-in ShareGPT-like lengths (no download), a ShareGPT JSON file, or fixed lengths",
+    )
+    data.add_argument(
+        "--dataset-path", help="ShareGPT_V3_unfiltered_cleaned_split.json (for --dataset sharegpt)"
+    )
     data.add_argument("--random-input-len", type=int, default=200)
     data.add_argument("--random-output-len", type=int, default=128)
-    data.add_argument("--context-len", type=int,
-                      help="drop ShareGPT pairs with prompt + output above this (prompt alone above 1024)")
+    data.add_argument(
+        "--context-len",
+        type=int,
+        help="drop ShareGPT pairs with prompt + output above this (prompt alone above 1024)",
+    )
     data.add_argument("--num-prompts", type=int, help="requests per run")
-    data.add_argument("--api", choices=["completions", "chat"], default="completions",
-                      help="/v1/completions with the raw prompt, or /v1/chat/completions with it as the user turn")
+    data.add_argument(
+        "--api",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions with the raw prompt, or /v1/chat/completions with it as the user turn",
+    )
     load = p.add_argument_group("load")
-    load.add_argument("--max-concurrency", help="one level or a sweep, e.g. 16,32,64 ('inf' = no cap)")
-    load.add_argument("--request-rate", type=float, default=math.inf,
-                      help="Poisson arrival rate in requests/s (default inf: all at once, capped by concurrency)")
-    load.add_argument("--one-server-at-a-time", action="store_true",
-                      help="start each launched target (cmd:) alone and run every level on it before the next, so "
-                           "no other server's processes share the host (default: all up, levels interleaved)")
+    load.add_argument(
+        "--max-concurrency", help="one level or a sweep, e.g. 16,32,64 ('inf' = no cap)"
+    )
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="Poisson arrival rate in requests/s (default inf: all at once, capped by concurrency)",
+    )
+    load.add_argument(
+        "--one-server-at-a-time",
+        action="store_true",
+        help="start each launched target (cmd:) alone and run every level on it before the next, so "
+        "no other server's processes share the host (default: all up, levels interleaved)",
+    )
     args = p.parse_args(argv)
     cli.apply_scale(args, PRESETS)
     if args.dataset == "sharegpt" and not args.dataset_path:
@@ -90,12 +129,16 @@ def build_requests(args: argparse.Namespace, tokenizer: Any, seed: int) -> list[
     """`--num-prompts` requests of the chosen dataset, sampled with `seed`."""
     limits = LengthLimits(context_len=args.context_len)
     if args.dataset == "sharegpt":
-        reqs = load_sharegpt(args.dataset_path, tokenizer, args.num_prompts, random.Random(seed), limits)
+        reqs = load_sharegpt(
+            args.dataset_path, tokenizer, args.num_prompts, random.Random(seed), limits
+        )
         if not reqs:
             raise SystemExit(f"no usable conversations in {args.dataset_path}")
         return reqs
     if args.dataset == "random":
-        return random_requests(tokenizer, args.num_prompts, args.random_input_len, args.random_output_len, seed)
+        return random_requests(
+            tokenizer, args.num_prompts, args.random_input_len, args.random_output_len, seed
+        )
     return sharegpt_like(tokenizer, args.num_prompts, seed, limits)
 
 
@@ -122,14 +165,23 @@ async def run_benchmark(
     label = f"{target.name} c={concurrency or 'inf'}"
     busy_before = await cli.quiet_host(args.wait_quiet)
     async with make_client() as client:
-        await cli.warm_up(client, target.url, model, tokenizer, args.warmup_requests, seed + 1_000_003, chat)
+        await cli.warm_up(
+            client, target.url, model, tokenizer, args.warmup_requests, seed + 1_000_003, chat
+        )
         with tqdm(total=len(requests), desc=label, unit="req", leave=False) as bar:
 
             async def one(req: Request) -> RequestResult:
                 async with sem or nullcontext():
                     prompt = [{"role": "user", "content": req.prompt}] if chat else req.prompt
-                    result = await stream_request(client, target.url, model, prompt, req.output_len,
-                                                  req.prompt_len, args.ignore_eos)
+                    result = await stream_request(
+                        client,
+                        target.url,
+                        model,
+                        prompt,
+                        req.output_len,
+                        req.prompt_len,
+                        args.ignore_eos,
+                    )
                 bar.update(1)
                 return result
 
@@ -146,15 +198,23 @@ async def run_benchmark(
             client_cpu = time.process_time() - cpu0
             shares = processes.shares() if processes is not None else None
             engine1 = await engine_compute_seconds(client, target.url)
-    host = {"busy_cores_before": busy_before, "busy_cores_after": await cli.busy_cores(settle=True),
-            "client_cpu_s": client_cpu, "process_cores": shares,
-            "engine_busy_fraction": {k: round((engine1[k] - v) / duration, 3) for k, v in engine0.items()
-                                     if k in engine1} or None}
+    host = {
+        "busy_cores_before": busy_before,
+        "busy_cores_after": await cli.busy_cores(settle=True),
+        "client_cpu_s": client_cpu,
+        "process_cores": shares,
+        "engine_busy_fraction": {
+            k: round((engine1[k] - v) / duration, 3) for k, v in engine0.items() if k in engine1
+        }
+        or None,
+    }
     return list(results), duration, host
 
 
-ENGINE_COMPUTE_METRICS = {"decode": "edgeacc:engine_compute_seconds_total",
-                          "prefill": "edgeacc:semi_pd_prefill_compute_seconds_total"}
+ENGINE_COMPUTE_METRICS = {
+    "decode": "edgeacc:engine_compute_seconds_total",
+    "prefill": "edgeacc:semi_pd_prefill_compute_seconds_total",
+}
 
 
 async def engine_compute_seconds(client: Any, url: str) -> dict[str, float]:
@@ -190,15 +250,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     requests_by_level = [build_requests(args, tokenizer, args.seed + i) for i in range(len(levels))]
     for group in groups:
         records += _run_group(group, levels, requests_by_level, args, tokenizer, out, jsonl)
-    header = (f"# Serving benchmark\n\n`{cli.command_line('benchmarks.bench_serving', argv)}`\n\n"
-              f"dataset {args.dataset}, {args.num_prompts} prompts per run, api {args.api}, "
-              f"request rate {args.request_rate}, ignore_eos {args.ignore_eos}, seed {args.seed}\n")
+    header = (
+        f"# Serving benchmark\n\n`{cli.command_line('benchmarks.bench_serving', argv)}`\n\n"
+        f"dataset {args.dataset}, {args.num_prompts} prompts per run, api {args.api}, "
+        f"request rate {args.request_rate}, ignore_eos {args.ignore_eos}, seed {args.seed}\n"
+    )
     cli.finish(records, out, args.baseline, header)
     return records
 
 
-def _run_group(targets: Sequence[Target], levels: list[int | None], requests_by_level: list[list[Request]],
-               args: argparse.Namespace, tokenizer: Any, out: Any, jsonl: Any) -> list[dict[str, Any]]:
+def _run_group(
+    targets: Sequence[Target],
+    levels: list[int | None],
+    requests_by_level: list[list[Request]],
+    args: argparse.Namespace,
+    tokenizer: Any,
+    out: Any,
+    jsonl: Any,
+) -> list[dict[str, Any]]:
     """Every level on `targets`, which are up together (levels outer, targets inner)."""
     records: list[dict[str, Any]] = []
     with running(targets, out):
@@ -206,20 +275,39 @@ def _run_group(targets: Sequence[Target], levels: list[int | None], requests_by_
         for i, concurrency in enumerate(levels):
             requests = requests_by_level[i]
             for target in targets:
-                results, duration, host = asyncio.run(run_benchmark(
-                    target, models[target.name], requests, concurrency, args.request_rate, args, tokenizer,
-                    args.seed + i))
+                results, duration, host = asyncio.run(
+                    run_benchmark(
+                        target,
+                        models[target.name],
+                        requests,
+                        concurrency,
+                        args.request_rate,
+                        args,
+                        tokenizer,
+                        args.seed + i,
+                    )
+                )
                 record = {
-                    "bench": "serving", "system": target.name, "url": target.url, "model": models[target.name],
-                    "dataset": args.dataset, "api": args.api, "max_concurrency": concurrency,
+                    "bench": "serving",
+                    "system": target.name,
+                    "url": target.url,
+                    "model": models[target.name],
+                    "dataset": args.dataset,
+                    "api": args.api,
+                    "max_concurrency": concurrency,
                     "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
-                    "ignore_eos": args.ignore_eos, "seed": args.seed + i, **requests_summary(requests),
+                    "ignore_eos": args.ignore_eos,
+                    "seed": args.seed + i,
+                    **requests_summary(requests),
                     **host,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **summarize(results, duration),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **summarize(results, duration),
                 }
                 append_jsonl(jsonl, record)
                 records.append(record)
-                cli.print_summary(f"{target.name}, max concurrency {concurrency or 'inf'}", record, SUMMARY_KEYS)
+                cli.print_summary(
+                    f"{target.name}, max concurrency {concurrency or 'inf'}", record, SUMMARY_KEYS
+                )
     return records
 
 

@@ -1,4 +1,5 @@
 """Command-line pieces shared by bench_serving and bench_multiturn: targets, presets, warm-up, output."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,31 +23,60 @@ HOST_SAMPLE_S = 1.0  # how long each look at the host's CPU lasts
 HOST_SETTLE_S = 1.0  # pause after a run before looking (the server winds down)
 
 
-def add_common_args(parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, Any]]) -> None:
+def add_common_args(
+    parser: argparse.ArgumentParser, presets: Mapping[str, Mapping[str, Any]]
+) -> None:
     """Target selection, model/tokenizer, sampling, warm-up, seed, output folder and --scale."""
     where = parser.add_argument_group("targets")
     where.add_argument("--base-url", help="one server, e.g. http://127.0.0.1:8000")
     where.add_argument("--name", default="server", help="its name in tables (with --base-url)")
-    where.add_argument("--targets", nargs="+", metavar="SPEC",
-                       help="several servers, run interleaved: NAME=URL, NAME=cmd:COMMAND or NAME=URL,cmd:COMMAND")
-    where.add_argument("--baseline", help="system the ratios are against (default: the first target)")
-    parser.add_argument("--model", required=True,
-                        help="model name sent to the server (the first one it lists if it does not list this "
-                             "one); also the tokenizer when it is a folder or a built-in model name")
+    where.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="SPEC",
+        help="several servers, run interleaved: NAME=URL, NAME=cmd:COMMAND or NAME=URL,cmd:COMMAND",
+    )
+    where.add_argument(
+        "--baseline", help="system the ratios are against (default: the first target)"
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model name sent to the server (the first one it lists if it does not list this "
+        "one); also the tokenizer when it is a folder or a built-in model name",
+    )
     parser.add_argument("--tokenizer", help="HF tokenizer folder (default: from --model)")
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="generate exactly the requested output length (default: on)")
-    parser.add_argument("--warmup-requests", type=int, default=2,
-                        help="short requests sent to each target before each measured run")
+    parser.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="generate exactly the requested output length (default: on)",
+    )
+    parser.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=2,
+        help="short requests sent to each target before each measured run",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--wait-quiet", type=float, metavar="CORES",
-                        help=f"before each run, wait (up to {QUIET_TIMEOUT_S:.0f} s) until other processes keep at "
-                             "most this many cores busy, e.g. 0.2 on a shared box")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="CORES",
+        help=f"before each run, wait (up to {QUIET_TIMEOUT_S:.0f} s) until other processes keep at "
+        "most this many cores busy, e.g. 0.2 on a shared box",
+    )
     parser.add_argument("--output-dir", type=Path, help="default: bench_results/<kind>-<time>")
-    choices = ", ".join(f"{k}: " + " ".join(f"--{a.replace('_', '-')} {v}" for a, v in p.items())
-                        for k, p in presets.items())
-    parser.add_argument("--scale", choices=list(presets), default=next(iter(presets)),
-                        help=f"defaults for the flags not given ({choices})")
+    choices = ", ".join(
+        f"{k}: " + " ".join(f"--{a.replace('_', '-')} {v}" for a, v in p.items())
+        for k, p in presets.items()
+    )
+    parser.add_argument(
+        "--scale",
+        choices=list(presets),
+        default=next(iter(presets)),
+        help=f"defaults for the flags not given ({choices})",
+    )
 
 
 def apply_scale(args: argparse.Namespace, presets: Mapping[str, Mapping[str, Any]]) -> None:
@@ -92,11 +122,19 @@ async def warm_up(
     if num <= 0:
         return
     reqs = random_requests(tokenizer, num, 64, 16, seed)
-    results = await asyncio.gather(*(
-        stream_request(client, url, model, [{"role": "user", "content": r.prompt}] if chat else r.prompt,
-                       r.output_len, r.prompt_len)
-        for r in reqs
-    ))
+    results = await asyncio.gather(
+        *(
+            stream_request(
+                client,
+                url,
+                model,
+                [{"role": "user", "content": r.prompt}] if chat else r.prompt,
+                r.output_len,
+                r.prompt_len,
+            )
+            for r in reqs
+        )
+    )
     if not any(r.success for r in results):
         raise RuntimeError(f"warm-up failed against {url}: {results[0].error}")
 
@@ -125,12 +163,19 @@ async def quiet_host(max_busy: float | None, timeout: float = QUIET_TIMEOUT_S) -
     """Cores busy on the host now; with `max_busy`, first wait (up to `timeout`) until at most that."""
     deadline = time.monotonic() + timeout
     busy = await busy_cores()
-    while max_busy is not None and busy is not None and busy > max_busy and time.monotonic() < deadline:
+    while (
+        max_busy is not None
+        and busy is not None
+        and busy > max_busy
+        and time.monotonic() < deadline
+    ):
         busy = await busy_cores()
     return busy
 
 
-def finish(records: Sequence[Mapping[str, Any]], out: Path, baseline: str | None, header: str) -> None:
+def finish(
+    records: Sequence[Mapping[str, Any]], out: Path, baseline: str | None, header: str
+) -> None:
     """Write report.md and the plots for the run's records, and print the report."""
     report = write_report(records, out, baseline, header)
     print(report.read_text(encoding="utf-8"))

@@ -4,6 +4,7 @@ Timing follows SGLang's bench_serving: TTFT is the time to the first chunk with 
 the gaps between later non-empty chunks, E2E the time until the stream ends. Output tokens come from
 the final `usage` chunk (`stream_options.include_usage`); servers that send none are counted by chunks.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class RequestResult:
 
 def make_client(max_connections: int | None = None) -> httpx.AsyncClient:
     """An httpx client with no pool limit below `max_connections` and long read timeouts."""
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    limits = httpx.Limits(
+        max_connections=max_connections, max_keepalive_connections=max_connections
+    )
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=30.0))
 
 
@@ -142,7 +145,9 @@ async def get_json(client: httpx.AsyncClient, url: str) -> Any:
 
 async def served_model(client: httpx.AsyncClient, base_url: str, wanted: str) -> str:
     """`wanted` if the server lists it under /v1/models, else the first model it lists."""
-    models = [m["id"] for m in (await get_json(client, base_url.rstrip("/") + "/v1/models"))["data"]]
+    models = [
+        m["id"] for m in (await get_json(client, base_url.rstrip("/") + "/v1/models"))["data"]
+    ]
     return wanted if wanted in models else models[0]
 
 

@@ -14,6 +14,7 @@ With SGLang's classic limits (prompt <= 1024, prompt + output <= 2048) this give
 averages that bench_serving runs of 1,000 ShareGPT_V3 prompts print with Llama-family tokenizers
 (~215 in / ~198 out). With the CPU default context of 1024 the means are 196 / 179.
 """
+
 from __future__ import annotations
 
 import json
@@ -133,7 +134,9 @@ def random_requests(
 ) -> list[Request]:
     """`num` requests of exactly `input_len` prompt tokens, each asking for `output_len` tokens."""
     rng = np.random.default_rng(seed)
-    return [Request(random_text(tokenizer, input_len, rng), input_len, output_len) for _ in range(num)]
+    return [
+        Request(random_text(tokenizer, input_len, rng), input_len, output_len) for _ in range(num)
+    ]
 
 
 @lru_cache(maxsize=4)

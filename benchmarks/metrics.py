@@ -8,6 +8,7 @@ Over the successful requests of one run lasting `duration` seconds (first send t
 - concurrency = sum of E2E / duration (the average number of requests in flight).
 Failed requests are counted (`failed`) and their errors tallied; they add nothing else.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,9 @@ def stats_ms(values: Sequence[float], name: str) -> dict[str, float | None]:
     }
 
 
-def summarize(results: Sequence[RequestResult], duration: float) -> dict[str, float | int | None | dict]:
+def summarize(
+    results: Sequence[RequestResult], duration: float
+) -> dict[str, float | int | None | dict]:
     """The run's metrics (see the module docstring) from its per-request results."""
     ok = [r for r in results if r.success]
     total_in = sum(r.prompt_tokens for r in ok)
@@ -93,7 +96,9 @@ def cache_counters(samples: dict[str, float]) -> tuple[float, float] | None:
     return None
 
 
-def counter_hit_rate(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+def counter_hit_rate(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> float | None:
     """Cached / prompt tokens between two counter snapshots; None if either is missing or no prompts."""
     if before is None or after is None:
         return None

@@ -15,6 +15,7 @@ float32's exactly (a single early flip counts the whole continuation as differen
 Ours runs through the engine's own scheduler and model runner (paged KV, decode workspace, packed
 linears), the code that serves requests, in batches of `--batch` sequences.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,35 +26,160 @@ import time
 import torch
 
 TEMPLATES = [
-    ("What is the capital of {}?", ["France", "Germany", "Italy", "Spain", "Japan", "Canada", "Australia", "Brazil",
-                                    "Egypt", "India", "Mexico", "Kenya", "Norway", "Greece", "Portugal", "Argentina"]),
-    ("What is {}?", ["2 + 2", "7 times 8", "15 minus 9", "100 divided by 4", "the square root of 81", "3 squared",
-                     "half of 50", "10% of 200"]),
-    ("How many legs does {} have?", ["a spider", "a dog", "a bird", "an insect", "an octopus", "a horse", "an ant",
-                                     "a crab"]),
-    ("Give me a synonym for {}.", ["happy", "big", "fast", "smart", "cold", "angry", "small", "beautiful"]),
-    ("Translate '{}' into Spanish.", ["hello", "thank you", "good morning", "cat", "water", "friend", "book",
-                                      "see you later"]),
-    ("Explain {} in one sentence.", ["photosynthesis", "gravity", "inflation", "democracy", "evolution",
-                                     "electricity", "the internet", "vaccines"]),
-    ("Write a haiku about {}.", ["the sea", "autumn", "a cat", "the moon", "coffee", "rain", "mountains", "winter"]),
-    ("Why {}?", ["is the sky blue", "do leaves change color in the fall", "do we need sleep", "is the ocean salty",
-                 "do birds migrate", "does ice float", "do cats purr", "is exercise healthy"]),
-    ("Who {}?", ["wrote Romeo and Juliet", "painted the Mona Lisa", "invented the telephone",
-                 "discovered penicillin", "was the first person on the moon", "developed the theory of relativity",
-                 "composed the Fifth Symphony", "wrote Pride and Prejudice"]),
-    ("Name three {}.", ["primary colors", "planets", "fruits", "programming languages", "musical instruments",
-                        "European countries", "mammals", "vegetables"]),
-    ("What is the largest {}?", ["planet in the solar system", "ocean on Earth", "animal on Earth",
-                                 "country by area", "desert in the world", "organ of the human body",
-                                 "mountain in the world", "city in Europe"]),
-    ("How do you {}?", ["boil an egg", "make a cup of tea", "tie a tie", "plant a tree", "change a light bulb",
-                        "learn to swim", "fold a paper airplane", "stay hydrated"]),
-    ("Give me one tip for {}.", ["learning a new language", "sleeping better", "saving money", "staying focused",
-                                 "writing clearly", "cooking rice", "running a marathon", "public speaking"]),
-    ("{}", ["Hello", "Tell me a joke.", "What is your name?", "What day comes after Monday?",
-            "What is the boiling point of water?", "Is a tomato a fruit?", "What color is grass?",
-            "How many days are in a week?"]),
+    (
+        "What is the capital of {}?",
+        [
+            "France",
+            "Germany",
+            "Italy",
+            "Spain",
+            "Japan",
+            "Canada",
+            "Australia",
+            "Brazil",
+            "Egypt",
+            "India",
+            "Mexico",
+            "Kenya",
+            "Norway",
+            "Greece",
+            "Portugal",
+            "Argentina",
+        ],
+    ),
+    (
+        "What is {}?",
+        [
+            "2 + 2",
+            "7 times 8",
+            "15 minus 9",
+            "100 divided by 4",
+            "the square root of 81",
+            "3 squared",
+            "half of 50",
+            "10% of 200",
+        ],
+    ),
+    (
+        "How many legs does {} have?",
+        ["a spider", "a dog", "a bird", "an insect", "an octopus", "a horse", "an ant", "a crab"],
+    ),
+    (
+        "Give me a synonym for {}.",
+        ["happy", "big", "fast", "smart", "cold", "angry", "small", "beautiful"],
+    ),
+    (
+        "Translate '{}' into Spanish.",
+        ["hello", "thank you", "good morning", "cat", "water", "friend", "book", "see you later"],
+    ),
+    (
+        "Explain {} in one sentence.",
+        [
+            "photosynthesis",
+            "gravity",
+            "inflation",
+            "democracy",
+            "evolution",
+            "electricity",
+            "the internet",
+            "vaccines",
+        ],
+    ),
+    (
+        "Write a haiku about {}.",
+        ["the sea", "autumn", "a cat", "the moon", "coffee", "rain", "mountains", "winter"],
+    ),
+    (
+        "Why {}?",
+        [
+            "is the sky blue",
+            "do leaves change color in the fall",
+            "do we need sleep",
+            "is the ocean salty",
+            "do birds migrate",
+            "does ice float",
+            "do cats purr",
+            "is exercise healthy",
+        ],
+    ),
+    (
+        "Who {}?",
+        [
+            "wrote Romeo and Juliet",
+            "painted the Mona Lisa",
+            "invented the telephone",
+            "discovered penicillin",
+            "was the first person on the moon",
+            "developed the theory of relativity",
+            "composed the Fifth Symphony",
+            "wrote Pride and Prejudice",
+        ],
+    ),
+    (
+        "Name three {}.",
+        [
+            "primary colors",
+            "planets",
+            "fruits",
+            "programming languages",
+            "musical instruments",
+            "European countries",
+            "mammals",
+            "vegetables",
+        ],
+    ),
+    (
+        "What is the largest {}?",
+        [
+            "planet in the solar system",
+            "ocean on Earth",
+            "animal on Earth",
+            "country by area",
+            "desert in the world",
+            "organ of the human body",
+            "mountain in the world",
+            "city in Europe",
+        ],
+    ),
+    (
+        "How do you {}?",
+        [
+            "boil an egg",
+            "make a cup of tea",
+            "tie a tie",
+            "plant a tree",
+            "change a light bulb",
+            "learn to swim",
+            "fold a paper airplane",
+            "stay hydrated",
+        ],
+    ),
+    (
+        "Give me one tip for {}.",
+        [
+            "learning a new language",
+            "sleeping better",
+            "saving money",
+            "staying focused",
+            "writing clearly",
+            "cooking rice",
+            "running a marathon",
+            "public speaking",
+        ],
+    ),
+    (
+        "{}",
+        [
+            "Hello",
+            "Tell me a joke.",
+            "What is your name?",
+            "What day comes after Monday?",
+            "What is the boiling point of water?",
+            "Is a tomato a fruit?",
+            "What color is grass?",
+            "How many days are in a week?",
+        ],
+    ),
 ]
 
 
@@ -67,7 +193,9 @@ def chat_questions(n: int) -> list[str]:
 
 
 @torch.inference_mode()
-def hf_decode(model, prompt: list[int], n: int, forced: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+def hf_decode(
+    model, prompt: list[int], n: int, forced: list[int] | None = None
+) -> tuple[list[int], torch.Tensor]:
     """HF's decode of n tokens (prefill, then one cached step per token), greedy or fed `forced`:
     the tokens it picks and its logits [n, vocab]."""
     from transformers import DynamicCache
@@ -76,29 +204,37 @@ def hf_decode(model, prompt: list[int], n: int, forced: list[int] | None = None)
     rows = []
     ids, cache = torch.tensor([prompt]), DynamicCache()
     for step in range(n):
-        row = model(ids, None, None, cache, use_cache=True).logits[0, -1].float()  # the cache fills in place
+        row = (
+            model(ids, None, None, cache, use_cache=True).logits[0, -1].float()
+        )  # the cache fills in place
         rows.append(row)
         tokens.append(int(row.argmax()))
         ids = torch.tensor([[tokens[-1] if forced is None else forced[step]]])
     return tokens, torch.stack(rows)
 
 
-def ours_forced(llm, prompts: list[list[int]], forced: list[list[int]], batch: int) -> list[torch.Tensor]:
+def ours_forced(
+    llm, prompts: list[list[int]], forced: list[list[int]], batch: int
+) -> list[torch.Tensor]:
     """Our engine's logits [len(forced[i]), vocab] per prompt, fed the forced tokens step by step:
     the engine's scheduler and model runner, with the reference token in place of the sampled one."""
-    from edgeacc_ray.engine.request import SamplingParams
-    from edgeacc_ray.engine.request import Sequence
+    from edgeacc_ray.engine.request import SamplingParams, Sequence
 
     engine = llm.engine
     results: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch):
         group = range(start, min(start + batch, len(prompts)))
-        seqs = [Sequence(f"forced-{i}", prompts[i], SamplingParams(temperature=0.0), arrival_time=0.0) for i in group]
+        seqs = [
+            Sequence(f"forced-{i}", prompts[i], SamplingParams(temperature=0.0), arrival_time=0.0)
+            for i in group
+        ]
         rows: dict[Sequence, list[torch.Tensor]] = {seq: [] for seq in seqs}
         for seq in seqs:
             engine.scheduler.add(seq)
         for step in range(len(forced[start])):
-            while any(len(r) <= step for r in rows.values()):  # a long prompt may take several chunks
+            while any(
+                len(r) <= step for r in rows.values()
+            ):  # a long prompt may take several chunks
                 scheduled = engine.scheduler.schedule()
                 logits, samplers = engine.runner.run(scheduled)
                 for seq, n in scheduled.items:
@@ -130,27 +266,41 @@ def compare(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="built-in name, HF folder or .gguf file")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="precision under test")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="SmolLM2-135M-Instruct", help="built-in name, HF folder or .gguf file"
+    )
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="precision under test"
+    )
     parser.add_argument("--num-prompts", type=int, default=120)
     parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--batch", type=int, default=8, help="sequences our engine decodes together")
+    parser.add_argument(
+        "--batch", type=int, default=8, help="sequences our engine decodes together"
+    )
     parser.add_argument("--num-threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--show", type=int, default=4, help="print this many continuations per system")
+    parser.add_argument(
+        "--show", type=int, default=4, help="print this many continuations per system"
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgeacc_ray.models.builtin_models import resolve_model
     from edgeacc_ray.llm import LLM
+    from edgeacc_ray.models.builtin_models import resolve_model
 
     torch.set_num_threads(args.num_threads)
     path = str(resolve_model(args.model))
     tokenizer = AutoTokenizer.from_pretrained(path)
     questions = chat_questions(args.num_prompts)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             tokenize=False) for q in questions]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     n = args.new_tokens
     started = time.perf_counter()
@@ -162,16 +312,25 @@ def main(argv: list[str] | None = None) -> None:
     low = getattr(torch, args.dtype)
     hf_low = AutoModelForCausalLM.from_pretrained(path, dtype=low).eval()
     systems: dict[str, tuple[list[torch.Tensor], list[list[int]]]] = {
-        f"HF {args.dtype}": ([hf_decode(hf_low, p, n, forced=t)[1] for p, t in zip(prompts, ref_tokens)],
-                             [hf_decode(hf_low, p, n)[0] for p in prompts])}
+        f"HF {args.dtype}": (
+            [hf_decode(hf_low, p, n, forced=t)[1] for p, t in zip(prompts, ref_tokens)],
+            [hf_decode(hf_low, p, n)[0] for p in prompts],
+        )
+    }
     del hf_low
     for dtype in (args.dtype, "float32"):
-        with LLM(path, dtype=dtype, num_threads=args.num_threads, max_num_seqs=max(args.batch, 8)) as llm:
-            systems[f"ours {dtype}"] = (ours_forced(llm, prompts, ref_tokens, args.batch),
-                                        ours_greedy(llm, prompts, n))
+        with LLM(
+            path, dtype=dtype, num_threads=args.num_threads, max_num_seqs=max(args.batch, 8)
+        ) as llm:
+            systems[f"ours {dtype}"] = (
+                ours_forced(llm, prompts, ref_tokens, args.batch),
+                ours_greedy(llm, prompts, n),
+            )
 
-    print(f"model={args.model} prompts={len(prompts)} new_tokens={n} positions={len(prompts) * n} "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(
+        f"model={args.model} prompts={len(prompts)} new_tokens={n} positions={len(prompts) * n} "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     print("| system | top-1 agreement with fp32 | mean KL(fp32 ‖ system), nats | greedy = fp32 |")
     print("|---|---|---|---|")
     for name, (logits, greedy) in systems.items():

@@ -5,6 +5,7 @@ server and engine core, the benchmark client itself); a throughput figure means 
 knowing which of them kept the cores busy. Reads /proc/<pid>/stat at the start and end of a run and
 groups processes by their title (Ray sets `ray::ServeReplica:app:Deployment`); Linux only.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,4 +71,6 @@ class ProcessCPU:
             share = (ticks - before) / _CLOCK_TICKS / seconds
             if title:
                 used[title] = used.get(title, 0.0) + share
-        return {k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= MIN_SHARE}
+        return {
+            k: round(v, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v >= MIN_SHARE
+        }

@@ -4,6 +4,7 @@ Sweep tables are laid out like the seed's: one table per metric, rows = concurre
 systems, then each system's ratio to the baseline. `python -m benchmarks.report FILE.jsonl ...
 --out DIR [--baseline NAME]` rebuilds tables and plots from records of separate runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -150,8 +151,13 @@ def sweep_markdown(records: Sequence[Record], baseline: str | None = None) -> st
     runs = _by_level(records)
     levels = _level_order(records)
     sections = [
-        _comparison(title, "Concurrency", [(c, c) for c in levels], systems,
-                    lambda c, s, key=key: runs.get((s, c), {}).get(key))
+        _comparison(
+            title,
+            "Concurrency",
+            [(c, c) for c in levels],
+            systems,
+            lambda c, s, key=key: runs.get((s, c), {}).get(key),
+        )
         for key, title in SWEEP_METRICS
     ]
     return "\n\n".join(sections) + "\n"
@@ -203,37 +209,70 @@ def multiturn_markdown(records: Sequence[Record], baseline: str | None = None) -
         value = latest[system].get(key)
         return _percent(value) if key.startswith("hit_rate") else value
 
-    summary = _comparison("Multi-turn summary", "Metric", [(t, k) for k, t in MULTITURN_METRICS], systems,
-                          summary_cell)
-    rounds = [(str(n), n) for n in sorted({row["round"] for r in records for row in r["per_round"]})]
+    summary = _comparison(
+        "Multi-turn summary",
+        "Metric",
+        [(t, k) for k, t in MULTITURN_METRICS],
+        systems,
+        summary_cell,
+    )
+    rounds = [
+        (str(n), n) for n in sorted({row["round"] for r in records for row in r["per_round"]})
+    ]
 
     def per_round(key: str) -> Any:
-        return lambda rnd, s: next((row[key] for row in latest[s]["per_round"] if row["round"] == rnd), None)
+        return lambda rnd, s: next(
+            (row[key] for row in latest[s]["per_round"] if row["round"] == rnd), None
+        )
 
-    return "\n\n".join([
-        summary,
-        _comparison("Mean E2E latency per round (ms)", "Round", rounds, systems, per_round("mean_e2e_ms")),
-        _comparison("Mean TTFT per round (ms)", "Round", rounds, systems, per_round("mean_ttft_ms")),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                summary,
+                _comparison(
+                    "Mean E2E latency per round (ms)",
+                    "Round",
+                    rounds,
+                    systems,
+                    per_round("mean_e2e_ms"),
+                ),
+                _comparison(
+                    "Mean TTFT per round (ms)", "Round", rounds, systems, per_round("mean_ttft_ms")
+                ),
+            ]
+        )
+        + "\n"
+    )
 
 
-def plot_multiturn(records: Sequence[Record], out_dir: Path, baseline: str | None = None) -> list[Path]:
+def plot_multiturn(
+    records: Sequence[Record], out_dir: Path, baseline: str | None = None
+) -> list[Path]:
     """Per-round mean E2E and TTFT, a line per system."""
     systems = systems_of(records, baseline)
     latest = {r["system"]: r for r in records}
     paths = []
-    for stem, key, ylabel in (("e2e", "mean_e2e_ms", "mean E2E latency (ms)"),
-                              ("ttft", "mean_ttft_ms", "mean TTFT (ms)")):
+    for stem, key, ylabel in (
+        ("e2e", "mean_e2e_ms", "mean E2E latency (ms)"),
+        ("ttft", "mean_ttft_ms", "mean TTFT (ms)"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for i, system in enumerate(systems):
             rows = [row for row in latest[system]["per_round"] if row[key] is not None]
-            ax.plot([row["round"] for row in rows], [row[key] for row in rows], marker="o",
-                    color=f"C{i}", label=system)
+            ax.plot(
+                [row["round"] for row in rows],
+                [row[key] for row in rows],
+                marker="o",
+                color=f"C{i}",
+                label=system,
+            )
         paths.append(_save(fig, ax, "round", ylabel, out_dir / f"multiturn_{stem}.png"))
     return paths
 
 
-def write_report(records: Sequence[Record], out_dir: Path, baseline: str | None, header: str = "") -> Path:
+def write_report(
+    records: Sequence[Record], out_dir: Path, baseline: str | None, header: str = ""
+) -> Path:
     """Write report.md and the plots for `records` (sweep and/or multi-turn) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep = [r for r in records if r["bench"] == "serving"]
@@ -252,7 +291,9 @@ def write_report(records: Sequence[Record], out_dir: Path, baseline: str | None,
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Rebuild report.md and plots from JSONL records of one or more runs."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("jsonl", nargs="+", type=Path, help="results.jsonl files")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--baseline", help="system the ratios are against (default: first seen)")

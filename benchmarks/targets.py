@@ -4,6 +4,7 @@ Spec forms (`--targets`): `NAME=URL`, `NAME=cmd:COMMAND` (URL taken from `--host
 command, default http://127.0.0.1:8000), or `NAME=URL,cmd:COMMAND`. A launched server runs in its
 own process group, is waited for until /v1/models answers, and is stopped with SIGINT (then SIGKILL).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,12 +57,16 @@ def parse_target(spec: str) -> Target:
     return Target(name, url.rstrip("/"), command if sep else None)
 
 
-def wait_ready(url: str, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(
+    url: str, timeout: float = READY_TIMEOUT_S, proc: subprocess.Popen | None = None
+) -> None:
     """Block until GET {url}/v1/models answers 200; fail early if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with code {proc.returncode} before it was ready")
+            raise RuntimeError(
+                f"server for {url} exited with code {proc.returncode} before it was ready"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + "/v1/models", timeout=5.0).status_code == 200:
                 return
@@ -92,8 +97,15 @@ def running(targets: Sequence[Target], log_dir: Path) -> Iterator[None]:
         for t in targets:
             if t.command:
                 log = open(log_dir / f"{t.name}.server.log", "ab")
-                procs.append(subprocess.Popen(t.command, shell=True, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
+                procs.append(
+                    subprocess.Popen(
+                        t.command,
+                        shell=True,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
                 log.close()
         launched = iter(procs)
         for t in targets:

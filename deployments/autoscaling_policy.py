@@ -8,6 +8,7 @@ asks for one replica more while any signal is over its bound, one fewer when the
 remaining replicas with room to spare. Serve applies `min_replicas` / `max_replicas` and the delays
 (`upscale_delay_s`, and `downscale_delay_s`: the quiet period before scaling down).
 """
+
 from __future__ import annotations
 
 import threading
@@ -52,10 +53,17 @@ class EngineScalingPolicy:
     """A Serve autoscaling policy (`autoscaling_config.policy.policy_function`); its constructor takes
     `policy_kwargs`. Returns the wanted replica count; Serve bounds and delays it."""
 
-    def __init__(self, target_waiting_per_replica: float = 4.0, kv_high: float = 0.85, kv_low: float = 0.5,
-                 ttft_slo_s: float | None = None) -> None:
+    def __init__(
+        self,
+        target_waiting_per_replica: float = 4.0,
+        kv_high: float = 0.85,
+        kv_low: float = 0.5,
+        ttft_slo_s: float | None = None,
+    ) -> None:
         if not 0 < kv_low < kv_high <= 1:
-            raise ValueError(f"need 0 < kv_low < kv_high <= 1, got kv_low={kv_low}, kv_high={kv_high}")
+            raise ValueError(
+                f"need 0 < kv_low < kv_high <= 1, got kv_low={kv_low}, kv_high={kv_high}"
+            )
         self.target_waiting, self.kv_high, self.kv_low = target_waiting_per_replica, kv_high, kv_low
         self.ttft_slo_s = ttft_slo_s
 

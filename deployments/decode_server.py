@@ -1,6 +1,7 @@
 """Semi-PD's decode deployment: the engine that owns the weights, the KV pool (in a shared segment)
 and page allocation, decodes every running request, and sends prompts to the PrefillServer as page
 ids and token ids. The Ingress talks to it exactly as to the colocated EngineServer."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -16,8 +17,13 @@ from ray.serve.handle import DeploymentHandle
 import deployments.replica_registry as replica_registry
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillBatchResult, PrefillFailed, PrefillReplicaTaken
 from edgeacc_ray.engine.kv import sweep_stale_segments
+from edgeacc_ray.engine.semi_pd import (
+    PrefillBatch,
+    PrefillBatchResult,
+    PrefillFailed,
+    PrefillReplicaTaken,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,7 +39,9 @@ class RayPrefillExecutor:
 
     def __init__(self, prefill: DeploymentHandle, max_in_flight: int) -> None:
         self._handle = prefill
-        self._threads = cf.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="edgeacc-prefill-call")
+        self._threads = cf.ThreadPoolExecutor(
+            max_workers=max_in_flight, thread_name_prefix="edgeacc-prefill-call"
+        )
         self._claim_lock = threading.Lock()
         self._pin: str | None = None
 
@@ -44,18 +52,26 @@ class RayPrefillExecutor:
         try:
             pin = self._paired()
             response = self._handle.prefill.remote(batch, replica=pin)
-            while True:  # Serve retries a call whose replica died, and a pinned retry would wait for it
+            while (
+                True
+            ):  # Serve retries a call whose replica died, and a pinned retry would wait for it
                 try:
                     return response.result(timeout_s=PIN_CHECK_S)
                 except TimeoutError:
                     if self._gone(pin):
                         response.cancel()
-                        raise PrefillFailed("the prefill server was replaced; retry the request") from None
+                        raise PrefillFailed(
+                            "the prefill server was replaced; retry the request"
+                        ) from None
         except PrefillFailed:
             raise
         except Exception as exc:  # the prefill replica died or refused: these requests fail cleanly
-            logger.warning("prefill batch of %d requests failed: %s", len(batch.tasks), type(exc).__name__)
-            raise PrefillFailed(f"the prefill server failed ({type(exc).__name__}); retry the request") from None
+            logger.warning(
+                "prefill batch of %d requests failed: %s", len(batch.tasks), type(exc).__name__
+            )
+            raise PrefillFailed(
+                f"the prefill server failed ({type(exc).__name__}); retry the request"
+            ) from None
 
     def _paired(self) -> str:
         """The prefill replica of this pair: claimed on first use, and again once the router no longer
@@ -77,7 +93,9 @@ class RayPrefillExecutor:
                 return replica
             except PrefillReplicaTaken:
                 if time.monotonic() > deadline:
-                    raise PrefillFailed("no prefill replica is free to pair with; retry the request") from None
+                    raise PrefillFailed(
+                        "no prefill replica is free to pair with; retry the request"
+                    ) from None
                 time.sleep(CLAIM_RETRY_S)
 
 

@@ -11,6 +11,7 @@ Either way, closing a request's iterator early aborts it in the engine (aborts a
 one call per replica per event-loop turn), and a replica aborts everything of a client whose lease
 renewals stop (its Ingress died). Errors arrive as the engine's typed exceptions.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,16 +25,23 @@ from ray.serve.handle import DeploymentHandle
 import deployments.replica_registry as registry
 from deployments.engine_router import PIN_KWARG
 from deployments.engine_service import KEEPALIVE_INTERVAL_S
-from edgeacc_ray.engine.request import combine_stats
-from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request import EngineStats, RequestOutput
-from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import (
+    EngineOverloaded,
+    EngineStats,
+    EngineUnavailable,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    combine_stats,
+)
 
 __all__ = ["ServeEngineClient", "InvalidRequest", "EngineUnavailable"]
 
 logger = logging.getLogger("ray.serve")
 
-ENGINE_GONE = "the engine process stopped; it is restarting"  # what clients are told, nothing internal
+ENGINE_GONE = (
+    "the engine process stopped; it is restarting"  # what clients are told, nothing internal
+)
 SUBSCRIBE_TIMEOUT_S = 30.0
 
 
@@ -41,14 +49,20 @@ def _unavailable(exc: BaseException) -> bool:
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
 
-    kinds = (ray_exc.RayActorError, ray_exc.ActorUnavailableError, serve_exc.DeploymentUnavailableError)
+    kinds = (
+        ray_exc.RayActorError,
+        ray_exc.ActorUnavailableError,
+        serve_exc.DeploymentUnavailableError,
+    )
     return isinstance(exc, kinds) or isinstance(getattr(exc, "cause", None), kinds)
 
 
 def _backpressure(exc: BaseException) -> bool:
     from ray.serve.exceptions import BackPressureError
 
-    return isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError)
+    return isinstance(exc, BackPressureError) or isinstance(
+        getattr(exc, "cause", None), BackPressureError
+    )
 
 
 def _own_call(method: Any, *args: Any, **kwargs: Any) -> Any:
@@ -79,7 +93,9 @@ class ServeEngineClient:
 
     def __init__(self, engine: DeploymentHandle, stream_mode: str = "multiplexed"):
         if stream_mode not in ("multiplexed", "per_request"):
-            raise ValueError(f"stream_mode must be 'multiplexed' or 'per_request', got {stream_mode!r}")
+            raise ValueError(
+                f"stream_mode must be 'multiplexed' or 'per_request', got {stream_mode!r}"
+            )
         self._handle = engine
         self._stream = engine.options(stream=True)
         self.stream_mode = stream_mode
@@ -107,8 +123,11 @@ class ServeEngineClient:
 
     async def close(self) -> None:
         """Drop the output streams and the leases (the engines abort this client's requests)."""
-        tasks = [t for t in [self._keepalive, *(link.listener for link in self._links.values())]
-                 if t is not None and not t.done()]
+        tasks = [
+            t
+            for t in [self._keepalive, *(link.listener for link in self._links.values())]
+            if t is not None and not t.done()
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -125,7 +144,9 @@ class ServeEngineClient:
         while True:
             # Multiplexed: the replicas this client streams from. Per request: every replica (any may run
             # one); before the router knows any, an unpinned renewal goes wherever it places it.
-            targets: list[str | None] = self._replicas() if self.stream_mode == "per_request" else list(self._links)
+            targets: list[str | None] = (
+                self._replicas() if self.stream_mode == "per_request" else list(self._links)
+            )
             if not targets and self.stream_mode == "per_request":
                 targets = [None]
             for target in targets:
@@ -138,7 +159,9 @@ class ServeEngineClient:
     async def _renew(self, replica: str | None) -> None:
         pin = {PIN_KWARG: replica} if replica is not None else {}
         try:
-            await asyncio.wait_for(self._handle.keepalive.remote(self._caller_id, **pin), timeout=10)
+            await asyncio.wait_for(
+                self._handle.keepalive.remote(self._caller_id, **pin), timeout=10
+            )
         except Exception as exc:  # the engine is down: the health probe notices; keep trying
             logger.debug("keepalive of %s failed: %s", replica, type(exc).__name__)
 
@@ -146,8 +169,12 @@ class ServeEngineClient:
         try:
             return await _own_call(getattr(self._handle, method), *args, **kwargs)
         except Exception as exc:
-            if _backpressure(exc):  # Ray Serve's own queue bound: an overload answer (429), not an outage
-                raise EngineOverloaded("the server is busy; retry shortly", retry_after_s=1) from None
+            if _backpressure(
+                exc
+            ):  # Ray Serve's own queue bound: an overload answer (429), not an outage
+                raise EngineOverloaded(
+                    "the server is busy; retry shortly", retry_after_s=1
+                ) from None
             if _unavailable(exc):
                 self._lost(exc)
                 raise EngineUnavailable(ENGINE_GONE) from None
@@ -162,8 +189,9 @@ class ServeEngineClient:
         replicas = self._replicas()
         if len(replicas) <= 1:
             return await self._call("stats")
-        parts = await asyncio.gather(*(self._call("stats", **{PIN_KWARG: r}) for r in replicas),
-                                     return_exceptions=True)
+        parts = await asyncio.gather(
+            *(self._call("stats", **{PIN_KWARG: r}) for r in replicas), return_exceptions=True
+        )
         alive = [p for p in parts if isinstance(p, EngineStats)]
         if not alive:
             raise next(p for p in parts if isinstance(p, BaseException))
@@ -192,24 +220,32 @@ class ServeEngineClient:
                 for target in targets:
                     pin = {PIN_KWARG: target} if target is not None else {}
                     try:
-                        await asyncio.wait_for(self._handle.abort.remote(self._caller_id, request_ids, **pin),
-                                               timeout=30)
+                        await asyncio.wait_for(
+                            self._handle.abort.remote(self._caller_id, request_ids, **pin),
+                            timeout=30,
+                        )
                     except Exception as exc:  # the engine is gone: nothing left to abort
-                        logger.info("abort of %d requests failed: %s", len(request_ids), type(exc).__name__)
+                        logger.info(
+                            "abort of %d requests failed: %s", len(request_ids), type(exc).__name__
+                        )
 
     # ---- generation ----
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Chunks of one request. Closing this iterator early (or cancelling the task iterating it)
         aborts the request in the engine, which frees its pages."""
         if self.stream_mode == "per_request":
             return self._generate_per_request(request_id, prompt_token_ids, params)
         return self._generate_multiplexed(request_id, prompt_token_ids, params)
 
-    async def _generate_per_request(self, request_id: str, prompt_token_ids: list[int],
-                                    params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _generate_per_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         await self.start()
-        response = _own_call(self._stream.generate, self._caller_id, request_id, prompt_token_ids, params)
+        response = _own_call(
+            self._stream.generate, self._caller_id, request_id, prompt_token_ids, params
+        )
         finished = False
         try:
             async for item in response:
@@ -257,13 +293,14 @@ class ServeEngineClient:
             response.cancel()
         link = self._links.pop(replica, None)
         self._lost(lost)
-        for request_id in (link.request_ids if link is not None else ()):
+        for request_id in link.request_ids if link is not None else ():
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(EngineUnavailable(ENGINE_GONE))
 
-    async def _generate_multiplexed(self, request_id: str, prompt_token_ids: list[int],
-                                    params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def _generate_multiplexed(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         if request_id in self._queues:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         await self.start()
@@ -271,7 +308,9 @@ class ServeEngineClient:
         self._queues[request_id] = queue
         finished, link = False, None
         try:
-            replica = await self._call("submit", self._caller_id, request_id, prompt_token_ids, params)
+            replica = await self._call(
+                "submit", self._caller_id, request_id, prompt_token_ids, params
+            )
             link = self._link(replica)
             link.request_ids.add(request_id)
             registry.track(replica, 1)
@@ -287,5 +326,7 @@ class ServeEngineClient:
             if link is not None:
                 link.request_ids.discard(request_id)
                 registry.track(link.replica, -1)
-            if not finished:  # the caller left early (or submit failed): harmless if it never started
+            if (
+                not finished
+            ):  # the caller left early (or submit failed): harmless if it never started
                 self._abort_later(link.replica if link is not None else None, request_id)

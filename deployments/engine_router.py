@@ -21,6 +21,7 @@ returns at once. The reports can be many seconds old (Serve pulls them on its re
 every request sent since the last one made a replica look busier with each sequential request, until a
 shared prefix left it after 8 (the CI failure of 2026-12-04).
 """
+
 from __future__ import annotations
 
 import random
@@ -35,9 +36,16 @@ from edgeacc_ray.prefix_keys import full_page_keys
 
 PIN_KWARG = "replica"  # the keyword a pinned call names its replica's unique id with
 MAX_UNROUTED = 4096
-RECENT_SEND_S = 0.25  # a request sent this recently may not be in this process's in-flight count yet
-AFFINE_ATTEMPTS = 3  # routing attempts that offer only the prefix's replica before the others may take it
-PLACED_METHODS = frozenset({"submit", "generate"})  # calls that start a request: (caller, request_id, prompt, ...)
+RECENT_SEND_S = (
+    0.25  # a request sent this recently may not be in this process's in-flight count yet
+)
+AFFINE_ATTEMPTS = (
+    3  # routing attempts that offer only the prefix's replica before the others may take it
+)
+PLACED_METHODS = frozenset(
+    {"submit", "generate"}
+)  # calls that start a request: (caller, request_id, prompt, ...)
+
 
 class PrefixAffinity:
     """Page-key chains of recent prompts -> the replica that took them, in LRU order and bounded."""
@@ -74,19 +82,34 @@ class PrefixAffinity:
 class EngineRouter(RequestRouter):
     """See the module docstring. Configured through `RequestRouterConfig.request_router_kwargs`."""
 
-    def initialize_state(self, page_size: int = 16, imbalance: int = 8, prefix_affinity: bool = True,
-                         max_prefix_pages: int = 256, capacity: int = 200_000, **_: Any) -> None:
+    def initialize_state(
+        self,
+        page_size: int = 16,
+        imbalance: int = 8,
+        prefix_affinity: bool = True,
+        max_prefix_pages: int = 256,
+        capacity: int = 200_000,
+        **_: Any,
+    ) -> None:
         self.imbalance = imbalance
-        self.affinity = PrefixAffinity(page_size, max_prefix_pages, capacity) if prefix_affinity else None
-        self._recent: dict[str, deque[float]] = {}  # replica -> when requests were sent to it, RECENT_SEND_S back
-        self._keys: OrderedDict[str, list[bytes]] = OrderedDict()  # request id -> its prompt's keys, until routed
+        self.affinity = (
+            PrefixAffinity(page_size, max_prefix_pages, capacity) if prefix_affinity else None
+        )
+        self._recent: dict[
+            str, deque[float]
+        ] = {}  # replica -> when requests were sent to it, RECENT_SEND_S back
+        self._keys: OrderedDict[str, list[bytes]] = (
+            OrderedDict()
+        )  # request id -> its prompt's keys, until routed
         self._attempts: dict[str, int] = {}  # request id -> routing attempts so far, until routed
 
     # ---- replica set ----
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         dep = self._deployment_id
-        gone = registry.update(dep.app_name, dep.name, frozenset(r.replica_id.unique_id for r in replicas))
+        gone = registry.update(
+            dep.app_name, dep.name, frozenset(r.replica_id.unique_id for r in replicas)
+        )
         for replica in gone:
             self._recent.pop(replica, None)
             if self.affinity is not None:
@@ -111,10 +134,15 @@ class EngineRouter(RequestRouter):
         return max(reported, registry.in_flight(rid)) + (len(recent) if recent else 0)
 
     # ---- routing ----
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
         if pending_request is not None:
-            pending_request.routing_context.should_backoff = True  # one ranking per attempt; back off between
+            pending_request.routing_context.should_backoff = (
+                True  # one ranking per attempt; back off between
+            )
         if not candidate_replicas:
             return []
         pin = pending_request.kwargs.get(PIN_KWARG) if pending_request is not None else None
@@ -130,9 +158,15 @@ class EngineRouter(RequestRouter):
             return [[preferred]]
         return [[preferred], [r for r in by_load if r is not preferred]]
 
-    def _affine(self, by_load: list[RunningReplica], pending: PendingRequest | None) -> RunningReplica | None:
+    def _affine(
+        self, by_load: list[RunningReplica], pending: PendingRequest | None
+    ) -> RunningReplica | None:
         """The replica holding the longest prefix of a new request's prompt, if it is not overloaded."""
-        if self.affinity is None or pending is None or pending.metadata.call_method not in PLACED_METHODS:
+        if (
+            self.affinity is None
+            or pending is None
+            or pending.metadata.call_method not in PLACED_METHODS
+        ):
             return None
         if len(pending.args) < 3 or not isinstance(pending.args[2], list):
             return None
@@ -147,7 +181,9 @@ class EngineRouter(RequestRouter):
         replica = alive[owner]
         return replica if self.load(replica) - self.load(by_load[0]) <= self.imbalance else None
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
         if pending_request.metadata.call_method not in PLACED_METHODS:
             return
         rid = replica_id.unique_id

@@ -13,6 +13,7 @@ engine process's CPU, the process that also runs the model):
 
 Both carry the engine's chunks: the first token at once, later ones `stream_interval` tokens at a time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,17 +24,23 @@ from typing import Any, AsyncIterator
 from deployments.autoscaling_policy import autoscaling_signals
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine import AsyncLLMEngine
-from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request import EngineStats, RequestOutput
 from edgeacc_ray.engine.hardware import pin_process, restore_priority
+from edgeacc_ray.engine.request import (
+    EngineStats,
+    EngineUnavailable,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+)
 from edgeacc_ray.engine.semi_pd import PrefillExecutor
-from edgeacc_ray.engine.request import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
 # Serve options every engine-side deployment (EngineServer, DecodeServer, PrefillServer) shares.
 ENGINE_REPLICA_OPTIONS: dict[str, Any] = dict(
-    ray_actor_options={"num_cpus": 0},  # Ray's default of 1 CPU per replica does not fit a 2-core box
+    ray_actor_options={
+        "num_cpus": 0
+    },  # Ray's default of 1 CPU per replica does not fit a 2-core box
     health_check_period_s=10,
     health_check_timeout_s=60,
     graceful_shutdown_timeout_s=5,
@@ -88,7 +95,9 @@ class _Caller:
         self.ready = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
         self.last_seen = time.monotonic()
-        self.expired = False  # its lease ran out: its stream ends, and the caller must subscribe anew
+        self.expired = (
+            False  # its lease ran out: its stream ends, and the caller must subscribe anew
+        )
 
     def put(self, request_id: str, item: Any) -> None:
         self.items.append((request_id, item))
@@ -146,7 +155,6 @@ class EngineService:
             self._reaper = asyncio.ensure_future(self._reap())
         return caller
 
-
     async def keepalive(self, caller_id: str, replica: str | None = None) -> None:
         """Renew the caller's lease."""
         check_pin(replica, self.replica_id)
@@ -161,11 +169,16 @@ class EngineService:
                 if caller.last_seen < deadline:
                     del self._callers[caller_id]
                     aborted = caller.expire()
-                    logger.warning("caller %s stopped renewing its lease: aborted its %d requests", caller_id, aborted)
+                    logger.warning(
+                        "caller %s stopped renewing its lease: aborted its %d requests",
+                        caller_id,
+                        aborted,
+                    )
 
     # ---- one streaming call per request ----
-    async def generate(self, caller_id: str, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput | Exception]:
+    async def generate(
+        self, caller_id: str, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput | Exception]:
         """Yield the request's chunks; a refused or failed request yields its error (a typed exception)
         as the last item. Cancelling this generator (the caller cancelled) aborts the request, and so
         does the caller's lease running out."""
@@ -182,19 +195,26 @@ class EngineService:
             await chunks.aclose()
 
     # ---- many requests over one stream ----
-    async def submit(self, caller_id: str, request_id: str, prompt_token_ids: list[int],
-                     params: SamplingParams) -> str | None:
+    async def submit(
+        self, caller_id: str, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> str | None:
         """Start a request whose chunks (or its error) go to `caller_id`'s stream on this replica;
         returns this replica's id, which the caller subscribes to."""
         caller = self._caller(caller_id)
         if request_id in caller.tasks:
-            caller.put(request_id, InvalidRequest("request_id", f"request id {request_id!r} is already running"))
+            caller.put(
+                request_id,
+                InvalidRequest("request_id", f"request id {request_id!r} is already running"),
+            )
         else:
-            caller.tasks[request_id] = asyncio.ensure_future(self._pump(caller, request_id, prompt_token_ids, params))
+            caller.tasks[request_id] = asyncio.ensure_future(
+                self._pump(caller, request_id, prompt_token_ids, params)
+            )
         return self.replica_id
 
-    async def _pump(self, caller: _Caller, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+    async def _pump(
+        self, caller: _Caller, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
         chunks = self.engine.generate(request_id, prompt_token_ids, params)
         try:
             async for chunk in chunks:
@@ -205,7 +225,9 @@ class EngineService:
             await chunks.aclose()  # not finished: aborts the request, its pages return
             caller.tasks.pop(request_id, None)
 
-    async def subscribe(self, caller_id: str, replica: str | None = None) -> AsyncIterator[list[tuple[str, Any]]]:
+    async def subscribe(
+        self, caller_id: str, replica: str | None = None
+    ) -> AsyncIterator[list[tuple[str, Any]]]:
         """The caller's stream: lists of (request_id, RequestOutput | error), as they come. When the
         caller goes away (this generator is cancelled, or its lease runs out), its requests are aborted."""
         check_pin(replica, self.replica_id)
@@ -219,7 +241,9 @@ class EngineService:
                 del self._callers[caller_id]
             caller.abort_all()
 
-    async def abort(self, caller_id: str, request_ids: list[str], replica: str | None = None) -> int:
+    async def abort(
+        self, caller_id: str, request_ids: list[str], replica: str | None = None
+    ) -> int:
         """Abort submitted requests (their client went away); how many were still running."""
         check_pin(replica, self.replica_id)
         caller = self._callers.get(caller_id)
@@ -246,8 +270,10 @@ class EngineService:
     def record_routing_stats(self) -> dict[str, Any]:
         """`EngineRouter`'s load signal."""
         s = self.engine.stats()
-        return {"load": s.num_running + s.num_waiting + s.num_prefilling + s.num_loading,
-                "kv_usage": s.kv_usage}
+        return {
+            "load": s.num_running + s.num_waiting + s.num_prefilling + s.num_loading,
+            "kv_usage": s.kv_usage,
+        }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The signals of `deployments.autoscaling_policy` (Serve averages them over its look-back)."""

@@ -4,6 +4,7 @@ Thin by design: the routes live in `edgeacc_ray.http`; this class only wires the
 to a `ServeEngineClient`, so the Ingress does not change with the engine side's layout (a colocated
 `EngineServer`, or Semi-PD's `DecodeServer` with its `PrefillServer`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,9 @@ from edgeacc_ray.http.app import build_api
 
 @serve.deployment(
     name="Ingress",
-    ray_actor_options={"num_cpus": 0},  # Ray's default of 1 CPU per replica does not fit a 2-core box
+    ray_actor_options={
+        "num_cpus": 0
+    },  # Ray's default of 1 CPU per replica does not fit a 2-core box
     max_ongoing_requests=1024,
     graceful_shutdown_timeout_s=5,
 )

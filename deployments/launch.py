@@ -7,6 +7,7 @@ is for those who configure through the environment, like the EdgeAcc-SGLang imag
 
 Runs until Ctrl-C, then shuts Serve down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,15 @@ import yaml
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="a serve_config.yaml whose first application's args to use")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "config", nargs="?", help="a serve_config.yaml whose first application's args to use"
+    )
+    parser.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local one)"
+    )
     opts = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -46,7 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address=opts.address, namespace="serve")
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(args), name="edgeacc", route_prefix="/")
-    print(f"EdgeAcc-Ray serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (Ctrl-C to stop)", flush=True)
+    print(
+        f"EdgeAcc-Ray serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (Ctrl-C to stop)",
+        flush=True,
+    )
     stop = False
 
     def _stop(*_):

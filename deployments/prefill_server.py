@@ -8,6 +8,7 @@ With several pairs, each prefill replica serves one decode replica: the decode s
 (`claim`, refused while another live decode process holds it) and pins every batch to it, so a prefill
 process maps one segment and follows one split instead of remapping between pools.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,13 @@ from ray import serve
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, check_pin, own_replica_id
 from edgeacc_ray.config import ServeConfig
 from edgeacc_ray.engine.hardware import configure_cpu, restore_priority
-from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillBatchResult, PrefillReplicaTaken
 from edgeacc_ray.engine.kv import process_alive
-from edgeacc_ray.engine.semi_pd import PrefillWorker
+from edgeacc_ray.engine.semi_pd import (
+    PrefillBatch,
+    PrefillBatchResult,
+    PrefillReplicaTaken,
+    PrefillWorker,
+)
 
 
 class PairClaim:
@@ -56,7 +61,9 @@ class PrefillServer:
 
     async def prefill(self, batch: PrefillBatch, replica: str | None = None) -> PrefillBatchResult:
         check_pin(replica, self.replica_id)
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self.worker.run, batch)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._compute, self.worker.run, batch
+        )
 
     def __del__(self):
         worker = getattr(self, "worker", None)

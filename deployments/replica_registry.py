@@ -6,11 +6,14 @@ Its own module because Serve ships a custom router class to the caller's process
 (cloudpickle), module globals included: a registry defined next to the router would be a private
 copy there. This module is imported by reference, so router and callers share it.
 """
+
 from __future__ import annotations
 
 import threading
 
-_lock = threading.Lock()  # routers run on Serve's router thread, callers on the replica's event loop
+_lock = (
+    threading.Lock()
+)  # routers run on Serve's router thread, callers on the replica's event loop
 _replicas: dict[tuple[str, str], frozenset[str]] = {}
 _in_flight: dict[str, int] = {}  # replica unique id -> requests of this process it runs
 

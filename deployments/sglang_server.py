@@ -13,6 +13,7 @@
 The Ingress talks to either exactly as to the native engine servers: they are `EngineService`s whose engine
 is an `SGLangEngine`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.engine_service import ENGINE_REPLICA_OPTIONS, EngineService
 from edgeacc_ray.config import ConfigError, ServeConfig
-from edgeacc_ray.engine.request import EngineUnavailable
 from edgeacc_ray.engine.hardware import restore_priority
+from edgeacc_ray.engine.request import EngineUnavailable
 from edgeacc_ray.engine.semi_pd import PrefillExecutor
 from edgeacc_ray.engine.tp import rank_bundle
 from edgeacc_ray.sglang_backend.engine import INSTALL_HINT, SGLangEngine
@@ -42,8 +43,10 @@ logger = logging.getLogger("ray.serve")
 def require_sglang() -> None:
     """At build time: SGLang must be installed where the application is built (and on the GPU nodes)."""
     if importlib.util.find_spec("sglang") is None:
-        raise ConfigError(f"invalid EdgeAcc serving config:\n  backend: 'sglang' needs SGLang, which is not "
-                          f"installed here; {INSTALL_HINT}, or use backend='native'")
+        raise ConfigError(
+            f"invalid EdgeAcc serving config:\n  backend: 'sglang' needs SGLang, which is not "
+            f"installed here; {INSTALL_HINT}, or use backend='native'"
+        )
 
 
 def placement(cfg: ServeConfig, role: Role) -> dict[str, Any]:
@@ -52,24 +55,41 @@ def placement(cfg: ServeConfig, role: Role) -> dict[str, Any]:
     resources = dict(cfg.engine_resources)
     if role == "colocated":
         replica = rank_bundle(cfg.engine_num_cpus, 0, resources)
-        return dict(ray_actor_options={"num_cpus": cfg.engine_num_cpus, "num_gpus": 0,
-                                       **({"resources": resources} if resources else {})},
-                    placement_group_bundles=[replica] + [{"GPU": 1.0}] * cfg.tensor_parallel_size,
-                    placement_group_strategy="STRICT_PACK")
+        return dict(
+            ray_actor_options={
+                "num_cpus": cfg.engine_num_cpus,
+                "num_gpus": 0,
+                **({"resources": resources} if resources else {}),
+            },
+            placement_group_bundles=[replica] + [{"GPU": 1.0}] * cfg.tensor_parallel_size,
+            placement_group_strategy="STRICT_PACK",
+        )
     share = cfg.sglang.prefill_gpu_share if role == "prefill" else 1 - cfg.sglang.prefill_gpu_share
-    return dict(ray_actor_options={"num_cpus": cfg.engine_num_cpus, "num_gpus": round(share, 4),
-                                   **({"resources": resources} if resources else {})})
+    return dict(
+        ray_actor_options={
+            "num_cpus": cfg.engine_num_cpus,
+            "num_gpus": round(share, 4),
+            **({"resources": resources} if resources else {}),
+        }
+    )
 
 
-def bind_sglang_engine(cfg: ServeConfig, model_path: str, serve_options: dict[str, Any]) -> Application:
+def bind_sglang_engine(
+    cfg: ServeConfig, model_path: str, serve_options: dict[str, Any]
+) -> Application:
     """The engine side of the application for backend sglang; `serve_options` are the engine deployment's
     (router, replicas, max_ongoing_requests), as for the native servers."""
     config = cfg.model_dump()
     if cfg.pd_mode == "semi_pd":
-        prefill = SGLangPrefillServer.options(**placement(cfg, "prefill"),
-                                              num_replicas=cfg.engine_replicas.min_replicas).bind(config, model_path)
-        return SGLangDecodeServer.options(**placement(cfg, "decode"), **serve_options).bind(config, model_path, prefill)
-    return SGLangEngineServer.options(**placement(cfg, "colocated"), **serve_options).bind(config, model_path)
+        prefill = SGLangPrefillServer.options(
+            **placement(cfg, "prefill"), num_replicas=cfg.engine_replicas.min_replicas
+        ).bind(config, model_path)
+        return SGLangDecodeServer.options(**placement(cfg, "decode"), **serve_options).bind(
+            config, model_path, prefill
+        )
+    return SGLangEngineServer.options(**placement(cfg, "colocated"), **serve_options).bind(
+        config, model_path
+    )
 
 
 @serve.deployment(name="SGLangEngineServer", max_ongoing_requests=1024, **ENGINE_REPLICA_OPTIONS)
@@ -80,9 +100,15 @@ class SGLangEngineServer(EngineService):
         self.model_path = model_path
         super().__init__(ServeConfig.model_validate(config))
 
-    def make_engine(self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None) -> SGLangEngine:
-        return SGLangEngine(cfg, self.model_path, "colocated",
-                            rank_bundles=list(range(1, cfg.tensor_parallel_size + 1)))
+    def make_engine(
+        self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None
+    ) -> SGLangEngine:
+        return SGLangEngine(
+            cfg,
+            self.model_path,
+            "colocated",
+            rank_bundles=list(range(1, cfg.tensor_parallel_size + 1)),
+        )
 
 
 class ServePrefillLink:
@@ -98,8 +124,12 @@ class ServePrefillLink:
         try:
             address = await call.__anext__()
         except Exception as exc:  # the prefill replica died or refused: this request fails cleanly
-            logger.warning("prefill of %s failed to start: %s", request.request_id, type(exc).__name__)
-            raise EngineUnavailable("the prefill server failed; retry the request", code="prefill_failed") from None
+            logger.warning(
+                "prefill of %s failed to start: %s", request.request_id, type(exc).__name__
+            )
+            raise EngineUnavailable(
+                "the prefill server failed; retry the request", code="prefill_failed"
+            ) from None
         self._calls[request.request_id] = call
         asyncio.ensure_future(self._drain(request.request_id, call))
         return address
@@ -108,7 +138,9 @@ class ServePrefillLink:
         try:
             async for _ in call:
                 pass
-        except Exception as exc:  # the decode engine's transfer fails the request with SGLang's own abort
+        except (
+            Exception
+        ) as exc:  # the decode engine's transfer fails the request with SGLang's own abort
             logger.warning("prefill of %s ended with %s", request_id, type(exc).__name__)
         finally:
             self._calls.pop(request_id, None)
@@ -127,7 +159,9 @@ class SGLangDecodeServer(EngineService):
         self.model_path, self.link = model_path, ServePrefillLink(prefill)
         super().__init__(ServeConfig.model_validate(config))
 
-    def make_engine(self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None) -> SGLangEngine:
+    def make_engine(
+        self, cfg: ServeConfig, prefill_executor: PrefillExecutor | None
+    ) -> SGLangEngine:
         return SGLangEngine(cfg, self.model_path, "decode", prefill=self.link)
 
 
@@ -148,7 +182,9 @@ class SGLangPrefillServer:
         restore_priority()
         port = _free_port()
         self.address = BootstrapAddress(ray.util.get_node_ip_address(), port)
-        self.engine = SGLangEngine(ServeConfig.model_validate(config), model_path, "prefill", bootstrap_port=port)
+        self.engine = SGLangEngine(
+            ServeConfig.model_validate(config), model_path, "prefill", bootstrap_port=port
+        )
 
     async def prefill(self, request: PrefillRequest) -> AsyncIterator[BootstrapAddress]:
         """Yield where the KV will be served, then run the prompt; cancelling the call aborts it."""

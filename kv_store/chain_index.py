@@ -5,6 +5,7 @@ first, so a cached chain never has a hole: whatever prefix of a chain is cached 
 share packed objects, so the bytes held are those of live objects, and an object's bytes go only
 when its last page goes. Plain Python, no Ray: the store actor wraps it around object refs.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -37,7 +38,9 @@ class _Object(Generic[H]):
 
 @dataclass
 class _Plan:
-    new: list[tuple[bytes, bytes | None, int]] = field(default_factory=list)  # (key, parent, batch index)
+    new: list[tuple[bytes, bytes | None, int]] = field(
+        default_factory=list
+    )  # (key, parent, batch index)
     links: set[bytes] = field(default_factory=set)  # cached pages the new ones hang from
     present: int = 0
     rejected: int = 0
@@ -58,12 +61,20 @@ class ChainIndex(Generic[H]):
         self.hits = self.misses = self.stored = self.rejected = self.evictions = 0
         self._pages: dict[bytes, _Page] = {}  # namespace + page key -> page
         self._objects: dict[int, _Object[H]] = {}
-        self._leaves: list[tuple[int, bytes]] = []  # heap of (tick, key); stale entries skipped on pop
+        self._leaves: list[
+            tuple[int, bytes]
+        ] = []  # heap of (tick, key); stale entries skipped on pop
         self._clock = 0
         self._next_object_id = 0
 
-    def insert(self, namespace: bytes, segments: Sequence[ChainSegment], page_nbytes: int,
-               checksums: Sequence[int], make_object: Callable[[list[int]], H]) -> PutResult:
+    def insert(
+        self,
+        namespace: bytes,
+        segments: Sequence[ChainSegment],
+        page_nbytes: int,
+        checksums: Sequence[int],
+        make_object: Callable[[list[int]], H],
+    ) -> PutResult:
         """Add the batch's pages that are new and hang from a cached page (or start a chain), in one
         object: `make_object(batch_indices)` stores those pages' bytes, in that order, and returns
         the object's handle. Evicts chain ends to fit; never exceeds the budget."""
@@ -73,7 +84,13 @@ class ChainIndex(Generic[H]):
             plan.rejected += len(plan.new)
             plan.new.clear()
         if plan.new:
-            self._add(make_object([index for _, _, index in plan.new]), nbytes, plan, page_nbytes, checksums)
+            self._add(
+                make_object([index for _, _, index in plan.new]),
+                nbytes,
+                plan,
+                page_nbytes,
+                checksums,
+            )
         self.rejected += plan.rejected
         return PutResult(stored=len(plan.new), present=plan.present, rejected=plan.rejected)
 
@@ -91,17 +108,29 @@ class ChainIndex(Generic[H]):
     def locate(self, namespace: bytes, keys: Sequence[bytes]) -> list[Located[H]]:
         """Where the leading cached keys' bytes are; counts them as hits, the rest as misses."""
         found = []
-        for key in keys[:self.match(namespace, keys)]:
+        for key in keys[: self.match(namespace, keys)]:
             page = self._pages[namespace + key]
-            found.append(Located(self._objects[page.object_id].handle, page.offset, page.nbytes, page.checksum))
+            found.append(
+                Located(
+                    self._objects[page.object_id].handle, page.offset, page.nbytes, page.checksum
+                )
+            )
         self.hits += len(found)
         self.misses += len(keys) - len(found)
         return found
 
     def stats(self) -> StoreStats:
-        return StoreStats(hits=self.hits, misses=self.misses, stored=self.stored, rejected=self.rejected,
-                          evictions=self.evictions, pages=len(self._pages), objects=len(self._objects),
-                          bytes_held=self.bytes_held, budget_bytes=self.budget_bytes)
+        return StoreStats(
+            hits=self.hits,
+            misses=self.misses,
+            stored=self.stored,
+            rejected=self.rejected,
+            evictions=self.evictions,
+            pages=len(self._pages),
+            objects=len(self._objects),
+            bytes_held=self.bytes_held,
+            budget_bytes=self.budget_bytes,
+        )
 
     def _plan(self, namespace: bytes, segments: Sequence[ChainSegment]) -> _Plan:
         plan, planned, index = _Plan(), set(), 0
@@ -143,13 +172,22 @@ class ChainIndex(Generic[H]):
             heapq.heappush(self._leaves, (self._pages[key].tick, key))
         return self.bytes_held + nbytes <= self.budget_bytes
 
-    def _add(self, handle: H, nbytes: int, plan: _Plan, page_nbytes: int, checksums: Sequence[int]) -> None:
+    def _add(
+        self, handle: H, nbytes: int, plan: _Plan, page_nbytes: int, checksums: Sequence[int]
+    ) -> None:
         object_id = self._next_object_id
         self._next_object_id += 1
         self._objects[object_id] = _Object(handle, nbytes, live_pages=len(plan.new))
         self.bytes_held += nbytes
         for slot, (key, parent, index) in enumerate(plan.new):
-            page = _Page(parent, object_id, slot * page_nbytes, page_nbytes, checksums[index], tick=self._tick())
+            page = _Page(
+                parent,
+                object_id,
+                slot * page_nbytes,
+                page_nbytes,
+                checksums[index],
+                tick=self._tick(),
+            )
             self._pages[key] = page
             if parent is not None:
                 self._pages[parent].children += 1

@@ -6,6 +6,7 @@ and sends them. Reads wait at most `timeout_s`, so call them off the step loop (
 Every tier failure (store dead or restarting, object lost, bytes that fail their checksum, a
 timeout, a full queue) reads as a miss or a dropped write, never as an exception.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -56,9 +57,18 @@ class KVTierClient:
     up after `timeout_s`; the sender waits up to `write_timeout_s` for a put (a store that is
     starting or restarting takes ~1-2 s), and holds at most `max_pending_bytes` of queued pages."""
 
-    def __init__(self, identity: ModelIdentity, budget_bytes: int, *, store_name: str | None = None,
-                 object_bytes: int = 1 << 20, linger_s: float = 0.02, timeout_s: float = 1.0,
-                 write_timeout_s: float = 10.0, max_pending_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        budget_bytes: int,
+        *,
+        store_name: str | None = None,
+        object_bytes: int = 1 << 20,
+        linger_s: float = 0.02,
+        timeout_s: float = 1.0,
+        write_timeout_s: float = 10.0,
+        max_pending_bytes: int = 64 << 20,
+    ) -> None:
         self.identity = identity
         self.timeout_s = timeout_s
         self._write_timeout_s = write_timeout_s
@@ -125,7 +135,8 @@ class KVTierClient:
             return None
         deadline = time.monotonic() + self.timeout_s
         locations: tuple[PageLocation, ...] | None = self._call(
-            "locate", self.identity.namespace, list(keys), timeout=self.timeout_s)
+            "locate", self.identity.namespace, list(keys), timeout=self.timeout_s
+        )
         if not locations:
             return None
         refs = list(dict.fromkeys(location.object_ref for location in locations))
@@ -138,8 +149,11 @@ class KVTierClient:
         if len(pages) < len(locations):
             with self._lock:
                 self._corrupt_pages += 1
-            logger.warning("KV tier: page %d of %d failed its size or checksum check; using the pages before it",
-                           len(pages), len(locations))
+            logger.warning(
+                "KV tier: page %d of %d failed its size or checksum check; using the pages before it",
+                len(pages),
+                len(locations),
+            )
         return pages if len(pages) else None
 
     def load_async(self, keys: Sequence[bytes]) -> cf.Future[torch.Tensor | None]:
@@ -168,17 +182,27 @@ class KVTierClient:
         self._readers.shutdown(wait=False, cancel_futures=True)
 
     def _check_pages(self, keys: Sequence[bytes], pages: torch.Tensor) -> None:
-        if pages.shape != (len(keys), *self.identity.page_shape) or pages.dtype != self.identity.dtype:
-            raise ValueError(f"pages {tuple(pages.shape)} {pages.dtype} do not match {len(keys)} keys of "
-                             f"{self.identity.page_shape} {self.identity.dtype}")
+        if (
+            pages.shape != (len(keys), *self.identity.page_shape)
+            or pages.dtype != self.identity.dtype
+        ):
+            raise ValueError(
+                f"pages {tuple(pages.shape)} {pages.dtype} do not match {len(keys)} keys of "
+                f"{self.identity.page_shape} {self.identity.dtype}"
+            )
 
     def _chunks(self, parent: bytes, keys: Sequence[bytes], pages: torch.Tensor) -> list[_Pending]:
         """Split a run of pages into pieces of at most one object's worth, each continuing the last."""
         step, chunks = self._pages_per_chunk, []
         for start in range(0, len(keys), step):
-            chunk_keys = tuple(keys[start:start + step])
-            chunks.append(_Pending(ChainSegment(parent if start == 0 else keys[start - 1], chunk_keys),
-                                   pages[start:start + step], len(chunk_keys) * self.identity.page_nbytes))
+            chunk_keys = tuple(keys[start : start + step])
+            chunks.append(
+                _Pending(
+                    ChainSegment(parent if start == 0 else keys[start - 1], chunk_keys),
+                    pages[start : start + step],
+                    len(chunk_keys) * self.identity.page_nbytes,
+                )
+            )
         return chunks
 
     def _send_loop(self) -> None:
@@ -186,7 +210,9 @@ class KVTierClient:
         deadline = 0.0
         while True:
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
+                item = self._queue.get(
+                    timeout=max(0.0, deadline - time.monotonic()) if batch else None
+                )
             except queue.Empty:
                 item = _LINGER_OVER
             if isinstance(item, _Pending):
@@ -208,11 +234,20 @@ class KVTierClient:
     def _put(self, batch: list[_Pending]) -> PutResult | None:
         try:
             data, checksums = pack_pages([p.pages for p in batch])
-        except Exception:  # a page we cannot read (a device error) is a dropped write, not a dead sender
-            logger.exception("KV tier: could not pack %d pages; dropped", sum(len(p.segment.keys) for p in batch))
+        except (
+            Exception
+        ):  # a page we cannot read (a device error) is a dropped write, not a dead sender
+            logger.exception(
+                "KV tier: could not pack %d pages; dropped", sum(len(p.segment.keys) for p in batch)
+            )
             return None
-        put = PutBatch(self.identity.namespace, self.identity.page_nbytes, tuple(p.segment for p in batch),
-                       checksums, data)
+        put = PutBatch(
+            self.identity.namespace,
+            self.identity.page_nbytes,
+            tuple(p.segment for p in batch),
+            checksums,
+            data,
+        )
         return self._call("put", put, timeout=self._write_timeout_s)
 
     def _call(self, method: str, *args: Any, timeout: float) -> Any:

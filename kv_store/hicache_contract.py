@@ -15,6 +15,7 @@ Keys are SGLang's own per-page hash chain (hex strings). A method that returns N
 an int is expected kills SGLang's storage thread for good, so these never do. Only the names,
 signatures and return conventions are mirrored here; the real base is used whenever it imports.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -61,30 +62,44 @@ class HiCacheStorage(ABC):
         self.mem_pool_host = mem_pool_host
 
     @abstractmethod
-    def get(self, key: str, target_location: Any | None = None,
-            target_sizes: Any | None = None) -> torch.Tensor | None:
+    def get(
+        self, key: str, target_location: Any | None = None, target_sizes: Any | None = None
+    ) -> torch.Tensor | None:
         """The page stored under key (written into target_location when given); None if absent."""
 
     @abstractmethod
-    def batch_get(self, keys: list[str], target_locations: Any | None = None,
-                  target_sizes: Any | None = None) -> list[torch.Tensor | None] | int:
+    def batch_get(
+        self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None
+    ) -> list[torch.Tensor | None] | int:
         """Per key, its page or None."""
 
     @abstractmethod
-    def set(self, key: str, value: Any | None = None, target_location: Any | None = None,
-            target_sizes: Any | None = None) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Any | None = None,
+        target_location: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         """Store value under key; True on success."""
 
     @abstractmethod
-    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None,
-                  target_sizes: Any | None = None) -> bool:
+    def batch_set(
+        self,
+        keys: list[str],
+        values: Any | None = None,
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         """Store every value under its key; True only if all were stored."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
         """Whether key is stored."""
 
-    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+    def batch_exists(
+        self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> int:
         """How many leading keys are stored (SGLang's default asks `exists` key by key)."""
         for index, key in enumerate(keys):
             if not self.exists(key):

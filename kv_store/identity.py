@@ -5,6 +5,7 @@ and layout, and hold the same slice of it (a tensor-parallel rank holds only its
 key in the tier is prefixed with the identity's `namespace`, so a page written under one identity
 is invisible under any other: a different model or dtype never hits.
 """
+
 from __future__ import annotations
 
 import hashlib

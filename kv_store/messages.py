@@ -1,4 +1,5 @@
 """What crosses the process boundary between a tier client and the store actor, one type each."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,6 +12,7 @@ KV dtype and page size, the host layout and this process's parallel rank (MLA ra
 copy), so SGLang pages never mix with the native engine's or another model's. SGLang's generic
 `batch_set` names no parents, so each call's keys are stored as a chain of their own.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,9 +25,17 @@ from kv_store.identity import ModelIdentity
 from kv_store.messages import ROOT
 
 try:
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+    from sglang.srt.mem_cache.hicache_storage import (
+        HiCacheStorage,
+        HiCacheStorageConfig,
+        HiCacheStorageExtraInfo,
+    )
 except ImportError:  # no SGLang here (CPU): the documented copy of its contract
-    from kv_store.hicache_contract import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+    from kv_store.hicache_contract import (
+        HiCacheStorage,
+        HiCacheStorageConfig,
+        HiCacheStorageExtraInfo,
+    )
 
 DEFAULT_OFFLOAD_MEMORY_GB = 4.0
 
@@ -47,36 +56,62 @@ class HiCacheRayStore(HiCacheStorage):
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
         page = mem_pool_host.get_dummy_flat_data_page()
-        identity = ModelIdentity(model=self._config.model_name or "", dtype=page.dtype, page_shape=(page.numel(),),
-                                 variant=_variant(self._config, mem_pool_host.layout))
+        identity = ModelIdentity(
+            model=self._config.model_name or "",
+            dtype=page.dtype,
+            page_shape=(page.numel(),),
+            variant=_variant(self._config, mem_pool_host.layout),
+        )
         gb = float(self._extra.get("kv_cache_offload_memory_gb", DEFAULT_OFFLOAD_MEMORY_GB))
-        self._client = KVTierClient(identity, int(gb * 2**30), store_name=self._extra.get("store_name"),
-                                    timeout_s=float(self._extra.get("timeout_s", 1.0)))
+        self._client = KVTierClient(
+            identity,
+            int(gb * 2**30),
+            store_name=self._extra.get("store_name"),
+            timeout_s=float(self._extra.get("timeout_s", 1.0)),
+        )
 
-    def get(self, key: str, target_location: Any | None = None,
-            target_sizes: Any | None = None) -> torch.Tensor | None:
+    def get(
+        self, key: str, target_location: Any | None = None, target_sizes: Any | None = None
+    ) -> torch.Tensor | None:
         return self.batch_get([key], None if target_location is None else [target_location])[0]
 
-    def batch_get(self, keys: list[str], target_locations: Any | None = None,
-                  target_sizes: Any | None = None) -> list[torch.Tensor | None]:
+    def batch_get(
+        self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None
+    ) -> list[torch.Tensor | None]:
         """The leading stored pages as new flat tensors, None for the rest. A target only vets the
         format (SGLang copies the returned page into its pool; older SGLang passed one shared target)."""
-        pages = self._client.load([key.encode() for key in keys]) if self._client is not None and keys else None
+        pages = (
+            self._client.load([key.encode() for key in keys])
+            if self._client is not None and keys
+            else None
+        )
         found = 0 if pages is None else len(pages)
         out: list[torch.Tensor | None] = [None] * len(keys)
         for index in range(found):
             target = None if target_locations is None else target_locations[index]
-            if target is not None and (target.numel() != pages.shape[1] or target.dtype != pages.dtype):
+            if target is not None and (
+                target.numel() != pages.shape[1] or target.dtype != pages.dtype
+            ):
                 break
             out[index] = pages[index]
         return out
 
-    def set(self, key: str, value: Any | None = None, target_location: Any | None = None,
-            target_sizes: Any | None = None) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Any | None = None,
+        target_location: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         return value is not None and self.batch_set([key], [value])
 
-    def batch_set(self, keys: list[str], values: Any | None = None, target_locations: Any | None = None,
-                  target_sizes: Any | None = None) -> bool:
+    def batch_set(
+        self,
+        keys: list[str],
+        values: Any | None = None,
+        target_locations: Any | None = None,
+        target_sizes: Any | None = None,
+    ) -> bool:
         if self._client is None or values is None or len(values) != len(keys) or not keys:
             return False
         identity = self._client.identity
@@ -88,7 +123,9 @@ class HiCacheRayStore(HiCacheStorage):
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
-    def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
+    def batch_exists(
+        self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None
+    ) -> int:
         if self._client is None or not keys:
             return 0
         return self._client.match([key.encode() for key in keys])

@@ -5,6 +5,7 @@ that produced them (an object dies with its owner). One store per node, found by
 in its own namespace (any driver or replica on the node finds the same one), detached, and
 restarted by Ray if it dies: a restarted store is empty, which its clients see as misses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,13 @@ class KVStore:
         """Keep the batch's new pages in one object of their own (see `ChainIndex.insert`)."""
         num_pages = batch.num_pages
         data = batch.data
-        if not (batch.page_nbytes > 0 and len(batch.checksums) == num_pages and isinstance(data, np.ndarray)
-                and data.dtype == np.uint8 and data.size == num_pages * batch.page_nbytes):
+        if not (
+            batch.page_nbytes > 0
+            and len(batch.checksums) == num_pages
+            and isinstance(data, np.ndarray)
+            and data.dtype == np.uint8
+            and data.size == num_pages * batch.page_nbytes
+        ):
             self._index.rejected += num_pages
             return PutResult(stored=0, present=0, rejected=num_pages)
 
@@ -47,14 +53,18 @@ class KVStore:
                 return ray.put(data)
             return ray.put(data.reshape(num_pages, batch.page_nbytes)[indices].reshape(-1))
 
-        return self._index.insert(batch.namespace, batch.segments, batch.page_nbytes, batch.checksums, make_object)
+        return self._index.insert(
+            batch.namespace, batch.segments, batch.page_nbytes, batch.checksums, make_object
+        )
 
     def match(self, namespace: bytes, keys: Sequence[bytes]) -> int:
         return self._index.match(namespace, keys)
 
     def locate(self, namespace: bytes, keys: Sequence[bytes]) -> tuple[PageLocation, ...]:
-        return tuple(PageLocation(found.handle, found.offset, found.nbytes, found.checksum)
-                     for found in self._index.locate(namespace, keys))
+        return tuple(
+            PageLocation(found.handle, found.offset, found.nbytes, found.checksum)
+            for found in self._index.locate(namespace, keys)
+        )
 
     def stats(self) -> StoreStats:
         return self._index.stats()
@@ -68,18 +78,31 @@ def get_store(budget_bytes: int, name: str | None = None) -> ActorHandle:
     it; `name` (default: one per node) lets separate tiers share a node."""
     node_id = ray.get_runtime_context().get_node_id()
     return _KVStoreActor.options(
-        name=name or store_name(node_id), namespace=STORE_NAMESPACE, get_if_exists=True,
-        lifetime="detached", max_restarts=-1, num_cpus=0,
+        name=name or store_name(node_id),
+        namespace=STORE_NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(budget_bytes)
 
 
 def _fit_budget(budget_bytes: int) -> int:
     node_id = ray.get_runtime_context().get_node_id()
-    capacity = next(int(n["Resources"].get("object_store_memory", 0)) for n in ray.nodes() if n["NodeID"] == node_id)
+    capacity = next(
+        int(n["Resources"].get("object_store_memory", 0))
+        for n in ray.nodes()
+        if n["NodeID"] == node_id
+    )
     limit = int(capacity * MAX_STORE_SHARE)
     if budget_bytes > limit:
-        logger.warning("KV tier budget %d bytes exceeds %.0f%% of this node's object store (%d bytes); using %d",
-                       budget_bytes, MAX_STORE_SHARE * 100, capacity, limit)
+        logger.warning(
+            "KV tier budget %d bytes exceeds %.0f%% of this node's object store (%d bytes); using %d",
+            budget_bytes,
+            MAX_STORE_SHARE * 100,
+            capacity,
+            limit,
+        )
         return limit
     return budget_bytes

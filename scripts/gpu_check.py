@@ -14,6 +14,7 @@ steps share one deadline (8 minutes by default), and the table is printed with w
 
 `--cpu-dry-run` runs the same steps on CPU with the `tiny` model and small loads, to check the script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,12 +72,28 @@ def step_env(s: Setup) -> list[Row]:
     rows = [Row("env", "torch", torch.__version__), Row("env", "device", s.device)]
     if s.device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        rows += [Row("env", "gpu", f"{props.name}, {props.multi_processor_count} SMs, "
-                                   f"{props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")]
-    rows += [Row("env", "MPS daemon", f"{'running' if mps_running() else 'not running'} ({mps_pipe_directory()})"),
-             Row("env", "green contexts in torch", str(green_contexts_supported())),
-             Row("env", "flashinfer", "imports" if flashinfer_available() else "absent: torch attention path"),
-             Row("env", "SGLang comparison", "skipped: no SGLang on this machine (and no Ray)")]
+        rows += [
+            Row(
+                "env",
+                "gpu",
+                f"{props.name}, {props.multi_processor_count} SMs, "
+                f"{props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}",
+            )
+        ]
+    rows += [
+        Row(
+            "env",
+            "MPS daemon",
+            f"{'running' if mps_running() else 'not running'} ({mps_pipe_directory()})",
+        ),
+        Row("env", "green contexts in torch", str(green_contexts_supported())),
+        Row(
+            "env",
+            "flashinfer",
+            "imports" if flashinfer_available() else "absent: torch attention path",
+        ),
+        Row("env", "SGLang comparison", "skipped: no SGLang on this machine (and no Ray)"),
+    ]
     return rows
 
 
@@ -87,7 +104,9 @@ def step_build(s: Setup) -> list[Row]:
     for name in dict.fromkeys([s.test_model, s.model]):
         start = time.perf_counter()
         path = resolve_model(name)
-        rows.append(Row("build", f"model {name}", f"{path} ({time.perf_counter() - start:.1f} s)", True))
+        rows.append(
+            Row("build", f"model {name}", f"{path} ({time.perf_counter() - start:.1f} s)", True)
+        )
     return rows
 
 
@@ -95,16 +114,42 @@ def step_pytest(s: Setup) -> list[Row]:
     import importlib.util
 
     if importlib.util.find_spec("pytest") is None:
-        return [Row("pytest", "tests/test_cuda_paths.py", "not run: pytest is not installed here (the hf and "
-                    "semi_pd steps still exercise the CUDA paths)", False)]
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                          str(ROOT / "tests" / "test_cuda_paths.py")], cwd=ROOT, capture_output=True, text=True)
+        return [
+            Row(
+                "pytest",
+                "tests/test_cuda_paths.py",
+                "not run: pytest is not installed here (the hf and "
+                "semi_pd steps still exercise the CUDA paths)",
+                False,
+            )
+        ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            str(ROOT / "tests" / "test_cuda_paths.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     lines = [line for line in out.stdout.splitlines() if line.strip()]
-    summary = next((line for line in reversed(lines) if " in " in line and ("passed" in line or "failed" in line)),
-                   lines[-1] if lines else "no output")
+    summary = next(
+        (
+            line
+            for line in reversed(lines)
+            if " in " in line and ("passed" in line or "failed" in line)
+        ),
+        lines[-1] if lines else "no output",
+    )
     failed = [line for line in lines if line.startswith("FAILED")]
     rows = [Row("pytest", "tests/test_cuda_paths.py", summary.strip("= "), out.returncode == 0)]
-    rows += [Row("pytest", "failed", line[len("FAILED "):][:150], False) for line in failed[:6]]
+    rows += [Row("pytest", "failed", line[len("FAILED ") :][:150], False) for line in failed[:6]]
     if out.returncode != 0 and not failed:
         rows.append(Row("pytest", "output tail", " | ".join(lines[-4:])[:300], False))
     return rows
@@ -113,12 +158,14 @@ def step_pytest(s: Setup) -> list[Row]:
 def _prompts(tokenizer, count: int, length: int) -> list[list[int]]:
     """Deterministic prompts of about `length` tokens, each a different slice of a stdlib source file
     (no test imports: the GPU machine may lack pytest)."""
-    text = Path(json.__file__).read_text()[:40 * (length + 100)]
+    text = Path(json.__file__).read_text()[: 40 * (length + 100)]
     ids = tokenizer.encode(text)
-    return [ids[(7 * i) % 97:(7 * i) % 97 + length - (i % 5)] for i in range(count)]
+    return [ids[(7 * i) % 97 : (7 * i) % 97 + length - (i % 5)] for i in range(count)]
 
 
-def _hf_greedy(path: str, prompts: list[list[int]], new_tokens: int, dtype, device: str) -> list[list[int]]:
+def _hf_greedy(
+    path: str, prompts: list[list[int]], new_tokens: int, dtype, device: str
+) -> list[list[int]]:
     """HF transformers' own forward, greedy with its KV cache, one prompt at a time (no padding)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -133,8 +180,11 @@ def _hf_greedy(path: str, prompts: list[list[int]], new_tokens: int, dtype, devi
             for _ in range(new_tokens):
                 token = int(out.logits[0, -1].float().argmax())
                 tokens.append(token)
-                out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values,
-                            use_cache=True)
+                out = model(
+                    input_ids=torch.tensor([[token]], device=device),
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
             outputs.append(tokens)
     del model
     return outputs
@@ -153,9 +203,9 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, flo
 def step_hf(s: Setup) -> list[Row]:
     import torch
 
-    from edgeacc_ray.models.builtin_models import resolve_model
     from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
+    from edgeacc_ray.models.builtin_models import resolve_model
 
     path = str(resolve_model(s.model))
     count, new = min(s.prompts, 8), min(s.new_tokens, 32)
@@ -163,22 +213,31 @@ def step_hf(s: Setup) -> list[Row]:
     for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         with LLM(s.model, device=s.device, dtype=dtype_name, max_num_batched_tokens=2048) as llm:
             prompts = _prompts(llm.tokenizer, count, min(s.prompt_len, 128))
-            ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new,
-                                                                              ignore_eos=True))]
+            ours = [
+                o.token_ids
+                for o in llm.generate(
+                    prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+                )
+            ]
         theirs = _hf_greedy(path, prompts, new, dtype, s.device)
         same, pct = _agreement(ours, theirs)
         exact = dtype_name == "float32"
-        rows.append(Row("hf", f"greedy vs HF, {dtype_name}, {count} x {new} tokens",
-                        f"{same}/{count} identical, {pct:.1f}% tokens agree", (same == count) if exact else None))
+        rows.append(
+            Row(
+                "hf",
+                f"greedy vs HF, {dtype_name}, {count} x {new} tokens",
+                f"{same}/{count} identical, {pct:.1f}% tokens agree",
+                (same == count) if exact else None,
+            )
+        )
     return rows
 
 
 def step_semi_pd(s: Setup) -> list[Row]:
     from edgeacc_ray.config import SemiPDConfig
-    from edgeacc_ray.engine.runner import kv_page_bytes
-    from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillTask
-    from edgeacc_ray.engine.semi_pd import page_sums
     from edgeacc_ray.engine.request import SamplingParams
+    from edgeacc_ray.engine.runner import kv_page_bytes
+    from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillTask, page_sums
     from edgeacc_ray.llm import LLM
 
     params = SamplingParams(temperature=0, max_tokens=min(s.new_tokens, 24), ignore_eos=True)
@@ -190,10 +249,18 @@ def step_semi_pd(s: Setup) -> list[Row]:
     with LLM(s.model, semi_pd=SemiPDConfig(prefill_batch_tokens=256), **engine_args) as llm:
         engine = llm.engine
         got = [o.token_ids for o in llm.generate(prompts, params)]
-        rows.append(Row("semi_pd", "greedy fp32 equal to colocated", f"{sum(a == b for a, b in zip(got, expected))}"
-                        f"/{len(prompts)} sequences", got == expected))
+        rows.append(
+            Row(
+                "semi_pd",
+                "greedy fp32 equal to colocated",
+                f"{sum(a == b for a, b in zip(got, expected))}/{len(prompts)} sequences",
+                got == expected,
+            )
+        )
         # A prompt's pages, written only by the prefill process, read by both.
-        engine.add_request("probe", prompts[0], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        engine.add_request(
+            "probe", prompts[0], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        )
         engine.step()
         seq = engine.sequences["probe"]
         pages = list(seq.page_table)
@@ -205,35 +272,83 @@ def step_semi_pd(s: Setup) -> list[Row]:
         while engine.has_unfinished():
             engine.step()
         same_bytes = child.page_sums == own and all(v > 0 for v in own)
-        rows.append(Row("semi_pd", "prefill-written KV seen by decode", f"{len(pages)} pages, sums equal: "
-                        f"{child.page_sums == own}", same_bytes))
-        rows.append(Row("semi_pd", "pool address decode / prefill", f"{kv.data_ptr():#x} / {child.kv_cache_ptr:#x} "
-                        f"({'same pointer' if kv.data_ptr() == child.kv_cache_ptr else 'different mapping address, same memory'})"))
+        rows.append(
+            Row(
+                "semi_pd",
+                "prefill-written KV seen by decode",
+                f"{len(pages)} pages, sums equal: {child.page_sums == own}",
+                same_bytes,
+            )
+        )
+        rows.append(
+            Row(
+                "semi_pd",
+                "pool address decode / prefill",
+                f"{kv.data_ptr():#x} / {child.kv_cache_ptr:#x} "
+                f"({'same pointer' if kv.data_ptr() == child.kv_cache_ptr else 'different mapping address, same memory'})",
+            )
+        )
         arena_bytes = engine.storage.arena.manifest.nbytes
         if s.device == "cuda":
-            rows.append(Row("semi_pd", "prefill process's own CUDA allocations", f"{child.own_allocated_bytes / 2**20:.1f} "
-                            f"MiB vs {arena_bytes / 2**20:.1f} MiB weights+pool mapped", child.own_allocated_bytes < arena_bytes / 2))
+            rows.append(
+                Row(
+                    "semi_pd",
+                    "prefill process's own CUDA allocations",
+                    f"{child.own_allocated_bytes / 2**20:.1f} "
+                    f"MiB vs {arena_bytes / 2**20:.1f} MiB weights+pool mapped",
+                    child.own_allocated_bytes < arena_bytes / 2,
+                )
+            )
         task = PrefillTask("r", prompts[0], len(prompts[0]), 0, pages, params)
         handoff = len(pickle.dumps(PrefillBatch(engine.storage_spec, [task])))
         kv_bytes = len(prompts[0]) * kv_page_bytes(engine.args, 1, engine.dtype)
-        rows.append(Row("semi_pd", "handoff bytes vs the prompt's KV", f"{handoff} B vs {kv_bytes} B", handoff < kv_bytes / 10))
+        rows.append(
+            Row(
+                "semi_pd",
+                "handoff bytes vs the prompt's KV",
+                f"{handoff} B vs {kv_bytes} B",
+                handoff < kv_bytes / 10,
+            )
+        )
         report = llm.prefill_process.split_report()
         decode_follower = engine._follower
         if report is not None:
-            rows.append(Row("semi_pd", "SM split (prefill process)", f"mode {report.mode}, MPS share "
-                            f"{report.mps_percentage}, level {report.level}%, green SMs {report.sm_counts or '-'}"))
-            rows.append(Row("semi_pd", "SM split (decode process)", f"mode {decode_follower.mode.value}, level "
-                            f"{decode_follower.applier.level}, split moves {engine.split.moves_total}"))
+            rows.append(
+                Row(
+                    "semi_pd",
+                    "SM split (prefill process)",
+                    f"mode {report.mode}, MPS share "
+                    f"{report.mps_percentage}, level {report.level}%, green SMs {report.sm_counts or '-'}",
+                )
+            )
+            rows.append(
+                Row(
+                    "semi_pd",
+                    "SM split (decode process)",
+                    f"mode {decode_follower.mode.value}, level "
+                    f"{decode_follower.applier.level}, split moves {engine.split.moves_total}",
+                )
+            )
         else:
-            rows.append(Row("semi_pd", "core split", f"{engine.stats().split.prefill_cores} / "
-                            f"{engine.stats().split.decode_cores}, moves {engine.split.moves_total}"))
+            rows.append(
+                Row(
+                    "semi_pd",
+                    "core split",
+                    f"{engine.stats().split.prefill_cores} / "
+                    f"{engine.stats().split.decode_cores}, moves {engine.split.moves_total}",
+                )
+            )
     return rows
 
 
 def _timed(llm, prompts, params) -> tuple[float, int, int]:
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
-    return time.perf_counter() - start, sum(len(p) for p in prompts), sum(len(o.token_ids) for o in outs)
+    return (
+        time.perf_counter() - start,
+        sum(len(p) for p in prompts),
+        sum(len(o.token_ids) for o in outs),
+    )
 
 
 def step_throughput(s: Setup) -> list[Row]:
@@ -243,38 +358,76 @@ def step_throughput(s: Setup) -> list[Row]:
 
     rows = []
     for mode in ("colocated", "semi_pd"):
-        extra = dict(semi_pd=SemiPDConfig(prefill_batch_tokens=4096, max_prefill_batches_in_flight=2)) if mode == "semi_pd" else {}
-        with LLM(s.model, device=s.device, dtype="bfloat16", max_num_batched_tokens=8192,
-                 max_num_seqs=max(s.prompts, 8), **extra) as llm:
+        extra = (
+            dict(semi_pd=SemiPDConfig(prefill_batch_tokens=4096, max_prefill_batches_in_flight=2))
+            if mode == "semi_pd"
+            else {}
+        )
+        with LLM(
+            s.model,
+            device=s.device,
+            dtype="bfloat16",
+            max_num_batched_tokens=8192,
+            max_num_seqs=max(s.prompts, 8),
+            **extra,
+        ) as llm:
             long = _prompts(llm.tokenizer, s.prompts, s.prompt_len)
             short = [p[:16] for p in long]
             decode = SamplingParams(temperature=0, max_tokens=s.new_tokens, ignore_eos=True)
-            llm.generate(short[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm up
+            llm.generate(
+                short[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            )  # warm up
             llm.generate(short, decode)  # capture the batch's graph buckets outside the timing
             llm.engine.flush_cache()
             seconds, _, out_tokens = _timed(llm, short, decode)
             decode_rate = out_tokens / seconds
             llm.engine.flush_cache()
-            seconds, in_tokens, _ = _timed(llm, long, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            seconds, in_tokens, _ = _timed(
+                llm, long, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+            )
             prefill_rate = in_tokens / seconds
             llm.engine.flush_cache()
             seconds, _, out_tokens = _timed(llm, long, decode)
-            rows.append(Row("throughput", f"{mode}: decode / prefill / mixed tok/s",
-                            f"{decode_rate:,.0f} / {prefill_rate:,.0f} / {out_tokens / seconds:,.0f} "
-                            f"({s.prompts} x {s.prompt_len} in, {s.new_tokens} out, bf16)"))
+            rows.append(
+                Row(
+                    "throughput",
+                    f"{mode}: decode / prefill / mixed tok/s",
+                    f"{decode_rate:,.0f} / {prefill_rate:,.0f} / {out_tokens / seconds:,.0f} "
+                    f"({s.prompts} x {s.prompt_len} in, {s.new_tokens} out, bf16)",
+                )
+            )
             graphs = llm.engine.runner.graphs
             if graphs is not None:
                 captured = sum(b.graph is not None for b in graphs.buckets.values())
-                rows.append(Row("throughput", f"{mode}: decode CUDA graphs", f"{captured} captured, {graphs.replays} "
-                                f"replays, {graphs.eager_fallbacks} eager steps" + (f"; FAILED: {graphs.failure}"
-                                if graphs.failure else ""), graphs.failure is None))
+                rows.append(
+                    Row(
+                        "throughput",
+                        f"{mode}: decode CUDA graphs",
+                        f"{captured} captured, {graphs.replays} "
+                        f"replays, {graphs.eager_fallbacks} eager steps"
+                        + (f"; FAILED: {graphs.failure}" if graphs.failure else ""),
+                        graphs.failure is None,
+                    )
+                )
             elif s.device == "cuda":
-                rows.append(Row("throughput", f"{mode}: decode CUDA graphs", f"off (attention: {llm.engine.plan.attention})"))
+                rows.append(
+                    Row(
+                        "throughput",
+                        f"{mode}: decode CUDA graphs",
+                        f"off (attention: {llm.engine.plan.attention})",
+                    )
+                )
     return rows
 
 
 STEPS: dict[str, Callable[[Setup], list[Row]]] = dict(
-    env=step_env, build=step_build, pytest=step_pytest, hf=step_hf, semi_pd=step_semi_pd, throughput=step_throughput)
+    env=step_env,
+    build=step_build,
+    pytest=step_pytest,
+    hf=step_hf,
+    semi_pd=step_semi_pd,
+    throughput=step_throughput,
+)
 
 
 # -- the driver ----------------------------------------------------------------------------------------
@@ -288,7 +441,9 @@ def run_step(name: str, cpu: bool, timeout: float) -> tuple[list[Row], float]:
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return [Row(name, "step", f"timed out after {timeout:.0f} s", False)], time.perf_counter() - start
+            return [
+                Row(name, "step", f"timed out after {timeout:.0f} s", False)
+            ], time.perf_counter() - start
         seconds = time.perf_counter() - start
         if out.exists():
             rows = [Row(**r) for r in json.loads(out.read_text())]
@@ -304,15 +459,25 @@ def table(rows: list[Row], times: dict[str, float]) -> str:
     mark = {True: "ok", False: "FAIL", None: ""}
     lines = ["| step | check | result | status |", "|---|---|---|---|"]
     lines += [f"| {r.step} | {r.check} | {r.result} | {mark[r.ok]} |" for r in rows]
-    lines.append("| time | per step | " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + " | |")
+    lines.append(
+        "| time | per step | " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + " | |"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-dry-run", action="store_true", help="the same steps on CPU with the tiny model")
-    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS))
-    parser.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds for all steps together")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cpu-dry-run", action="store_true", help="the same steps on CPU with the tiny model"
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help="comma-separated subset of " + ",".join(STEPS)
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=DEADLINE_S, help="seconds for all steps together"
+    )
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += step_rows
         print(f"[{time.perf_counter() - started:5.0f} s] {name}: {len(step_rows)} rows", flush=True)
     print()
-    print(f"EdgeAcc-Ray GPU check ({'CPU dry run, tiny model' if args.cpu_dry_run else 'CUDA'}; "
-          f"{time.perf_counter() - started:.0f} s)")
+    print(
+        f"EdgeAcc-Ray GPU check ({'CPU dry run, tiny model' if args.cpu_dry_run else 'CUDA'}; "
+        f"{time.perf_counter() - started:.0f} s)"
+    )
     print(table(rows, times))
     return 0 if all(r.ok is not False for r in rows) else 1
 

@@ -1,4 +1,5 @@
 """Shared fixtures: built-in model folders and one Ray cluster for the whole test session."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,14 @@ def ray_cluster():
 
     started = False
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, namespace="edgeacc_tests",
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            num_gpus=1,
+            include_dashboard=False,
+            namespace="edgeacc_tests",
+            log_to_driver=False,
+        )
         started = True
     yield ray
     if started:

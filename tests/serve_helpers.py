@@ -1,5 +1,6 @@
 """What several test files need around a served app: the HTTP app over an in-process engine (no
 Ray), and a Serve replica's process found by the title Ray gives it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,11 @@ def wait_serving(base: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            r = httpx.post(base + "/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1}},
-                           timeout=30)
+            r = httpx.post(
+                base + "/generate",
+                json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 1}},
+                timeout=30,
+            )
             if r.status_code == 200:
                 return
         except httpx.HTTPError:

@@ -1,4 +1,5 @@
 """ShareGPT loader on a small file in the real format; built-in generator and random prompts."""
+
 from __future__ import annotations
 
 import random
@@ -44,8 +45,12 @@ def test_sharegpt_sampling_is_seeded_and_capped() -> None:
     first = load_sharegpt(SHAREGPT, WordTokenizer(), 2, random.Random(3), LIMITS)
     again = load_sharegpt(SHAREGPT, WordTokenizer(), 2, random.Random(3), LIMITS)
     assert len(first) == 2 and first == again
-    orders = {tuple(r.prompt for r in load_sharegpt(SHAREGPT, WordTokenizer(), 3, random.Random(s), LIMITS))
-              for s in range(6)}
+    orders = {
+        tuple(
+            r.prompt for r in load_sharegpt(SHAREGPT, WordTokenizer(), 3, random.Random(s), LIMITS)
+        )
+        for s in range(6)
+    }
     assert len(orders) > 1  # shuffled
 
 
@@ -58,7 +63,9 @@ def test_sharegpt_like_lengths_follow_the_limits_and_documented_means() -> None:
     pairs = np.array(sharegpt_like_lengths(20000, np.random.default_rng(0)))
     assert pairs.min() >= 4 and pairs[:, 0].max() <= 1024 and pairs.sum(axis=1).max() <= 2048
     assert pairs.mean(axis=0) == pytest.approx([213, 198], rel=0.05)
-    short = np.array(sharegpt_like_lengths(2000, np.random.default_rng(0), LengthLimits(context_len=1024)))
+    short = np.array(
+        sharegpt_like_lengths(2000, np.random.default_rng(0), LengthLimits(context_len=1024))
+    )
     assert short.sum(axis=1).max() <= 1024
 
 

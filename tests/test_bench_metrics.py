@@ -1,4 +1,5 @@
 """Serving metrics against hand-computed values on synthetic timings; Prometheus counters."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,9 @@ from benchmarks.metrics import (
 
 
 def ok(ttft: float, latency: float, out: int, prompt: int, itl: list[float]) -> RequestResult:
-    return RequestResult(success=True, ttft=ttft, latency=latency, output_tokens=out, prompt_tokens=prompt, itl=itl)
+    return RequestResult(
+        success=True, ttft=ttft, latency=latency, output_tokens=out, prompt_tokens=prompt, itl=itl
+    )
 
 
 RESULTS = [
@@ -34,13 +37,21 @@ def test_summary_matches_hand_computed_values() -> None:
     assert m["output_throughput"] == pytest.approx(4.25)
     assert m["total_throughput"] == pytest.approx(46.75)
     # TTFT 100, 300, 200 ms; p99 interpolates between the 2nd and 3rd sorted value: 200 + 0.98 * 100.
-    assert (m["mean_ttft_ms"], m["median_ttft_ms"], m["p99_ttft_ms"]) == pytest.approx((200, 200, 298))
+    assert (m["mean_ttft_ms"], m["median_ttft_ms"], m["p99_ttft_ms"]) == pytest.approx(
+        (200, 200, 298)
+    )
     # TPOT 100 and 500 ms.
-    assert (m["mean_tpot_ms"], m["median_tpot_ms"], m["p99_tpot_ms"]) == pytest.approx((300, 300, 496))
+    assert (m["mean_tpot_ms"], m["median_tpot_ms"], m["p99_tpot_ms"]) == pytest.approx(
+        (300, 300, 496)
+    )
     # ITL: ten gaps of 100 ms and four of 500 ms, pooled.
-    assert (m["mean_itl_ms"], m["median_itl_ms"], m["p99_itl_ms"]) == pytest.approx((3000 / 14, 100, 500))
+    assert (m["mean_itl_ms"], m["median_itl_ms"], m["p99_itl_ms"]) == pytest.approx(
+        (3000 / 14, 100, 500)
+    )
     # E2E 1100, 2300, 200 ms.
-    assert (m["mean_e2e_ms"], m["median_e2e_ms"], m["p99_e2e_ms"]) == pytest.approx((1200, 1100, 2276))
+    assert (m["mean_e2e_ms"], m["median_e2e_ms"], m["p99_e2e_ms"]) == pytest.approx(
+        (1200, 1100, 2276)
+    )
     assert m["concurrency"] == pytest.approx(3.6 / 4.0)
 
 

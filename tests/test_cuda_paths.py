@@ -7,6 +7,7 @@ normal path, token for token. With a GPU: the same engine on CUDA (graphs replay
 to the CPU engine), the IPC mapping across two processes, and Semi-PD on CUDA equal to colocated.
 scripts/gpu_check.sh runs this file on the GPU machine.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -17,23 +18,43 @@ import pytest
 import torch
 
 from edgeacc_ray.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplit
-from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, bucket, page_buckets
-from edgeacc_ray.engine.kv.cuda_ipc_storage import (CUDA_ALIGN, CudaArenaManifest, CudaIpcHandle, CudaIpcUnavailable,
-                                                 CudaStorageSpec)
-from edgeacc_ray.engine.hardware.device import CudaRunnerOptions, DevicePlan, DeviceUnavailable, resolve_device
-from edgeacc_ray.engine.runner import ModelRunner
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.hardware.device import (
+    CudaRunnerOptions,
+    DevicePlan,
+    DeviceUnavailable,
+    resolve_device,
+)
+from edgeacc_ray.engine.kv.cuda_ipc_storage import (
+    CUDA_ALIGN,
+    CudaArenaManifest,
+    CudaIpcHandle,
+    CudaIpcUnavailable,
+    CudaStorageSpec,
+)
 from edgeacc_ray.engine.kv.shared_arena import ArenaManifest, TensorSlot, lay_out
-from edgeacc_ray.engine.split.sm_split import (MPS_PERCENTAGE_ENV, FixedShare, SmPartitions, SmSplitFollower, SmSplitMode,
-                                         SmSplitReport, detect_mode, mps_running, set_mps_share)
+from edgeacc_ray.engine.request import SamplingParams, Sequence
+from edgeacc_ray.engine.runner import ModelRunner
+from edgeacc_ray.engine.runner.cuda_graphs import DecodeGraphs, batch_buckets, bucket, page_buckets
+from edgeacc_ray.engine.split.core_split import ControlBlock, CoreSplit
+from edgeacc_ray.engine.split.sm_split import (
+    MPS_PERCENTAGE_ENV,
+    FixedShare,
+    SmPartitions,
+    SmSplitFollower,
+    SmSplitMode,
+    SmSplitReport,
+    detect_mode,
+    mps_running,
+    set_mps_share,
+)
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.attention_flashinfer import paged_layout
 from tests.test_engine_correctness import TEXT, assert_pool_idle
 
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run by scripts/gpu_check.sh on the GPU machine)")
+needs_cuda = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU (run by scripts/gpu_check.sh on the GPU machine)"
+)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 FP32 = dict(dtype="float32", max_num_batched_tokens=128, decode_workspace_memory_gb=0)
 
@@ -54,9 +75,15 @@ def test_device_resolution():
     plan = DevicePlan.resolve("auto", cuda_present=True, flashinfer_present=False)
     assert plan == DevicePlan("cuda", "torch", True)
     # flashinfer plans on the host every step: its steps are not captured
-    assert DevicePlan.resolve("cuda", cuda_present=True, flashinfer_present=True) == DevicePlan("cuda", "flashinfer", False)
-    assert DevicePlan.resolve("cuda", "torch", cuda_graphs=False, cuda_present=True) == DevicePlan("cuda", "torch", False)
-    assert DevicePlan.resolve("auto", "auto", cuda_present=False, flashinfer_present=True) == DevicePlan("cpu", "torch", False)
+    assert DevicePlan.resolve("cuda", cuda_present=True, flashinfer_present=True) == DevicePlan(
+        "cuda", "flashinfer", False
+    )
+    assert DevicePlan.resolve("cuda", "torch", cuda_graphs=False, cuda_present=True) == DevicePlan(
+        "cuda", "torch", False
+    )
+    assert DevicePlan.resolve(
+        "auto", "auto", cuda_present=False, flashinfer_present=True
+    ) == DevicePlan("cpu", "torch", False)
     with pytest.raises(DeviceUnavailable):
         DevicePlan.resolve("cpu", "flashinfer", cuda_present=True, flashinfer_present=True)
     with pytest.raises(DeviceUnavailable):
@@ -69,8 +96,13 @@ def test_device_setting_reaches_the_engine_and_the_serve_config():
     assert EngineConfig(device="auto").device == "auto"
     with pytest.raises(ValueError):
         EngineConfig(device="tpu")
-    assert ServeConfig(device="auto", engine_num_gpus=1).engine_config().device == ("cuda" if CUDA else "cpu")
-    assert ServeConfig(cuda_graphs=False, attention_backend="torch").engine_config().cuda_graphs is False
+    assert ServeConfig(device="auto", engine_num_gpus=1).engine_config().device == (
+        "cuda" if CUDA else "cpu"
+    )
+    assert (
+        ServeConfig(cuda_graphs=False, attention_backend="torch").engine_config().cuda_graphs
+        is False
+    )
     if not CUDA:
         with LLM("tiny", device="auto", **FP32) as llm:
             assert llm.engine.device == "cpu" and llm.engine.model_info["device"] == "cpu"
@@ -81,15 +113,26 @@ def test_device_setting_reaches_the_engine_and_the_serve_config():
 
 # -- what crosses to the prefill process ------------------------------------------------------------
 def _handle() -> CudaIpcHandle:
-    return CudaIpcHandle(device=0, handle=bytes(range(64)), size_bytes=2**21, offset_bytes=512,
-                         ref_counter_handle=b"/torch_123_456", ref_counter_offset=3, event_handle=bytes(64),
-                         event_sync_required=True)
+    return CudaIpcHandle(
+        device=0,
+        handle=bytes(range(64)),
+        size_bytes=2**21,
+        offset_bytes=512,
+        ref_counter_handle=b"/torch_123_456",
+        ref_counter_offset=3,
+        event_handle=bytes(64),
+        event_sync_required=True,
+    )
 
 
 def test_ipc_handle_and_storage_spec_cross_a_pickle_unchanged():
-    slots, nbytes = lay_out({"w": ((3, 5), torch.bfloat16), "kv_cache": ((2, 2, 4, 16, 8), torch.bfloat16)}, CUDA_ALIGN)
+    slots, nbytes = lay_out(
+        {"w": ((3, 5), torch.bfloat16), "kv_cache": ((2, 2, 4, 16, 8), torch.bfloat16)}, CUDA_ALIGN
+    )
     manifest = CudaArenaManifest("edgeacc-cuda-1-abc", _handle(), nbytes, slots)
-    control = ArenaManifest("/dev/shm/edgeacc-arena-1-x", 64, {"control": TensorSlot(0, (8,), "int64")})
+    control = ArenaManifest(
+        "/dev/shm/edgeacc-arena-1-x", 64, {"control": TensorSlot(0, (8,), "int64")}
+    )
     spec = CudaStorageSpec(manifest, control, "/models/small", "auto")
     data = pickle.dumps(spec)
     assert pickle.loads(data) == spec and spec.name == "edgeacc-cuda-1-abc"
@@ -103,7 +146,9 @@ def test_cuda_arena_layout_is_aligned_and_disjoint():
     slots, nbytes = lay_out(specs, CUDA_ALIGN)
     spans = sorted((s.offset, s.offset + s.nbytes) for s in slots.values())
     assert all(offset % CUDA_ALIGN == 0 for offset, _ in spans)
-    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])) and spans[-1][1] <= nbytes
+    assert (
+        all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])) and spans[-1][1] <= nbytes
+    )
 
 
 def test_a_host_tensor_has_no_ipc_handle():
@@ -114,9 +159,23 @@ def test_a_host_tensor_has_no_ipc_handle():
 # -- the SM split ----------------------------------------------------------------------------------
 def test_partition_choice_never_gives_less_than_asked():
     p = SmPartitions((30, 50, 70, 100))
-    assert [p.choose(units) for units in range(11)] == [30, 30, 30, 30, 50, 50, 70, 70, 100, 100, 100]
+    assert [p.choose(units) for units in range(11)] == [
+        30,
+        30,
+        30,
+        30,
+        50,
+        50,
+        70,
+        70,
+        100,
+        100,
+        100,
+    ]
     assert SmPartitions((100, 20, 20)).levels == (20, 100)
-    assert p.num_sms(50, 132) == 64 and p.num_sms(30, 132) == 32 and p.num_sms(1, 132) == 8  # groups of 8
+    assert (
+        p.num_sms(50, 132) == 64 and p.num_sms(30, 132) == 32 and p.num_sms(1, 132) == 8
+    )  # groups of 8
     with pytest.raises(ValueError):
         SmPartitions((0, 50))
 
@@ -128,7 +187,9 @@ def test_mode_follows_mps_and_green_contexts(tmp_path, monkeypatch):
     assert detect_mode(False, True) is SmSplitMode.TIME_SHARING
     assert detect_mode(True, False) is SmSplitMode.MPS_FIXED
     assert detect_mode(True, True) is SmSplitMode.GREEN_CONTEXTS
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != MPS_PERCENTAGE_ENV})
+    monkeypatch.setattr(
+        os, "environ", {k: v for k, v in os.environ.items() if k != MPS_PERCENTAGE_ENV}
+    )
     if not torch.cuda.is_initialized():  # a CUDA process can no longer take a share
         set_mps_share(80)
         assert os.environ[MPS_PERCENTAGE_ENV] == "80"
@@ -158,7 +219,12 @@ def test_buckets():
     assert batch_buckets(256)[-1] == 256 and batch_buckets(5) == (1, 2, 4, 5)
     assert page_buckets(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256) and page_buckets(100)[-1] == 100
     sizes = batch_buckets(300)
-    assert bucket(sizes, 1) == 1 and bucket(sizes, 3) == 4 and bucket(sizes, 257) == 300 and bucket(sizes, 301) is None
+    assert (
+        bucket(sizes, 1) == 1
+        and bucket(sizes, 3) == 4
+        and bucket(sizes, 257) == 300
+        and bucket(sizes, 301) is None
+    )
 
 
 def test_padded_static_decode_step_matches_the_normal_path():
@@ -171,11 +237,21 @@ def test_padded_static_decode_step_matches_the_normal_path():
         engine = llm.engine
         old = engine.runner
         options = CudaRunnerOptions("torch", True, engine.config.max_num_seqs, engine.max_model_len)
-        engine.runner = ModelRunner(old.model, old.args, engine.block_manager.num_pages, old.page_size, cuda=options)
-        assert engine.runner.kv_cache.shape[3] == engine.block_manager.num_pages + 1  # the scratch page
-        got = llm.generate(prompts[:2], GREEDY) + llm.generate(prompts, GREEDY)  # short rows alone, then all
+        engine.runner = ModelRunner(
+            old.model, old.args, engine.block_manager.num_pages, old.page_size, cuda=options
+        )
+        assert (
+            engine.runner.kv_cache.shape[3] == engine.block_manager.num_pages + 1
+        )  # the scratch page
+        got = llm.generate(prompts[:2], GREEDY) + llm.generate(
+            prompts, GREEDY
+        )  # short rows alone, then all
         graphs = engine.runner.graphs
-        assert graphs.replays > 0 and len({b for b, _ in graphs.buckets}) >= 2 and len({p for _, p in graphs.buckets}) >= 2
+        assert (
+            graphs.replays > 0
+            and len({b for b, _ in graphs.buckets}) >= 2
+            and len({p for _, p in graphs.buckets}) >= 2
+        )
         assert_pool_idle(llm)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
 
@@ -183,8 +259,15 @@ def test_padded_static_decode_step_matches_the_normal_path():
 def test_graphs_take_pure_decode_steps_only():
     with LLM("tiny", **FP32) as llm:
         runner = llm.engine.runner
-        graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.page_size, scratch_page=0, max_num_seqs=4,
-                              max_pages=8, capture=False)
+        graphs = DecodeGraphs(
+            runner.model,
+            runner.kv_caches,
+            runner.page_size,
+            scratch_page=0,
+            max_num_seqs=4,
+            max_pages=8,
+            capture=False,
+        )
         seqs = []
         for i in range(5):
             seq = Sequence(f"r{i}", [1, 2, 3], GREEDY, arrival_time=0.0)
@@ -193,15 +276,27 @@ def test_graphs_take_pure_decode_steps_only():
         from edgeacc_ray.engine.scheduling import ScheduledBatch
 
         assert graphs.accepts(ScheduledBatch([(s, 1) for s in seqs[:4]], 4, []))
-        assert not graphs.accepts(ScheduledBatch([(s, 1) for s in seqs], 5, []))  # past the largest bucket
-        assert not graphs.accepts(ScheduledBatch([(seqs[0], 1), (seqs[1], 2)], 1, []))  # a prompt row
+        assert not graphs.accepts(
+            ScheduledBatch([(s, 1) for s in seqs], 5, [])
+        )  # past the largest bucket
+        assert not graphs.accepts(
+            ScheduledBatch([(seqs[0], 1), (seqs[1], 2)], 1, [])
+        )  # a prompt row
         with pytest.raises(ValueError):
-            DecodeGraphs(runner.model, runner.kv_caches, runner.page_size, 0, 4, 8, capture=True)  # CPU pool
+            DecodeGraphs(
+                runner.model, runner.kv_caches, runner.page_size, 0, 4, 8, capture=True
+            )  # CPU pool
 
 
 def test_flashinfer_layout_of_a_mixed_batch():
-    a, b = Sequence("a", list(range(40)), GREEDY, arrival_time=0.0), Sequence("b", list(range(9)), GREEDY, arrival_time=0.0)
-    a.page_table, a.num_computed_tokens = [7, 3, 9], 39  # decode row: context 40 -> 3 pages, 8 in the last
+    a, b = (
+        Sequence("a", list(range(40)), GREEDY, arrival_time=0.0),
+        Sequence("b", list(range(9)), GREEDY, arrival_time=0.0),
+    )
+    a.page_table, a.num_computed_tokens = (
+        [7, 3, 9],
+        39,
+    )  # decode row: context 40 -> 3 pages, 8 in the last
     b.page_table, b.num_computed_tokens = [5], 0  # prompt row: 9 tokens in one page
     layout = paged_layout([(a, 1), (b, 9)], page_size=16)
     assert layout.qo_indptr.tolist() == [0, 1, 10] and layout.kv_indptr.tolist() == [0, 3, 4]
@@ -272,7 +367,9 @@ def test_semi_pd_on_cuda_equals_colocated_and_shares_the_pool():
         got = llm.generate(prompts, GREEDY)
         engine = llm.engine
         assert engine.storage_spec.name.startswith("edgeacc-cuda-")
-        assert engine.runner.kv_cache.data_ptr() == engine.storage.arena.tensors["kv_cache"].data_ptr()
+        assert (
+            engine.runner.kv_cache.data_ptr() == engine.storage.arena.tensors["kv_cache"].data_ptr()
+        )
         report = llm.prefill_process.split_report()
         assert report is not None and report.role == "prefill"
         assert_pool_idle(llm)

@@ -1,4 +1,5 @@
 """The decode workspace follows the live sequences: it grows for long ones and shrinks after them."""
+
 from __future__ import annotations
 
 from edgeacc_ray import LLM, SamplingParams
@@ -21,7 +22,9 @@ def test_capacity_shrinks_after_a_long_request_and_output_is_unchanged(tiny_mode
 def test_rows_far_longer_than_the_rest_attend_from_pages_and_match(tiny_model_path):
     """A few long rows in a batch of short ones leave the workspace (whose capacity stays short) for
     the paged path; output equals an engine that attends every row from pages."""
-    batch = [[(7 * i + k) % 7000 + 50 for k in range(12 + i)] for i in range(7)] + [list(range(100, 700))]
+    batch = [[(7 * i + k) % 7000 + 50 for k in range(12 + i)] for i in range(7)] + [
+        list(range(100, 700))
+    ]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     llm = LLM(tiny_model_path, dtype="float32")
     seen = []
@@ -34,7 +37,11 @@ def test_rows_far_longer_than_the_rest_attend_from_pages_and_match(tiny_model_pa
 
     llm.engine.runner._prepare = spy
     got = llm.generate(batch, params)
-    assert any(d == 8 and w == 7 for d, w in seen)  # seven rows in the workspace, the long one paged
+    assert any(
+        d == 8 and w == 7 for d, w in seen
+    )  # seven rows in the workspace, the long one paged
     assert llm.engine.runner.workspace.buffer.shape[4] <= 64
-    paged_only = LLM(tiny_model_path, dtype="float32", decode_workspace_memory_gb=0).generate(batch, params)
+    paged_only = LLM(tiny_model_path, dtype="float32", decode_workspace_memory_gb=0).generate(
+        batch, params
+    )
     assert [g.token_ids for g in got] == [p.token_ids for p in paged_only]

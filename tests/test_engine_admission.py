@@ -2,19 +2,17 @@
 requests without ever running short or preempting, shared prefix pages count once; with optimistic
 reservations the pool runs short, but no step retracts more than its allowance and greedy outputs
 still equal the reference; a request that can never fit is refused at once, saying why."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
 
-from edgeacc_ray.engine.scheduling import AdmissionPolicy
 from edgeacc_ray.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.request import InvalidRequest
 from edgeacc_ray.engine import LLMEngine
-from edgeacc_ray.engine.scheduling import RunningBound
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.request import InvalidRequest, SamplingParams, Sequence
+from edgeacc_ray.engine.scheduling import AdmissionPolicy, RunningBound
 from edgeacc_ray.llm import LLM
 from tests.test_engine_pages import assert_pool_idle
 
@@ -71,12 +69,16 @@ def test_full_reservations_never_run_short(reference):
     def check(engine: LLMEngine, _before: int, retracted: int) -> None:
         sched, bm = engine.scheduler, engine.block_manager
         assert retracted == 0
-        assert sched.committed_pages() <= bm.num_free_pages  # what the running may still take is there
+        assert (
+            sched.committed_pages() <= bm.num_free_pages
+        )  # what the running may still take is there
         seen["waiting"] = max(seen["waiting"], len(sched.waiting))
         seen["running"] = max(seen["running"], len(sched.running))
 
     tokens = run_checked(engine, jobs, check)
-    assert seen["waiting"] > 20 and seen["running"] > 3  # the pool, not the batch, held requests back
+    assert (
+        seen["waiting"] > 20 and seen["running"] > 3
+    )  # the pool, not the batch, held requests back
     assert engine.stats().retractions_total == 0
     for i, (prompt, params) in enumerate(jobs):
         assert tokens[f"r{i}"] == reference[(tuple(prompt), params.max_tokens)]
@@ -130,7 +132,9 @@ def test_semi_pd_reserves_before_prefill():
     output reserved), so a tiny shared pool never runs short either; outputs equal the colocated engine."""
     jobs = workload(16)
     prompts, params = [p for p, _ in jobs], [s for _, s in jobs]
-    args = dict(num_pages=24, dtype="float32", page_size=4, max_num_batched_tokens=96, **PESSIMISTIC)
+    args = dict(
+        num_pages=24, dtype="float32", page_size=4, max_num_batched_tokens=96, **PESSIMISTIC
+    )
     with LLM("tiny", **args) as colocated:
         expected = colocated.generate(prompts, params)
     with LLM("tiny", semi_pd=SemiPDConfig(prefill_batch_tokens=64), **args) as llm:
@@ -159,8 +163,14 @@ def test_a_request_that_can_never_fit_is_refused_at_once():
 
 
 def test_the_ratio_follows_finished_requests_and_rises_after_retraction():
-    policy = AdmissionPolicy(page_size=4, max_model_len=1000, bound=RunningBound(8, None),
-                             ratio_init=0.7, ratio_min=0.2, clip_tokens=50)
+    policy = AdmissionPolicy(
+        page_size=4,
+        max_model_len=1000,
+        bound=RunningBound(8, None),
+        ratio_init=0.7,
+        ratio_min=0.2,
+        clip_tokens=50,
+    )
     short = Sequence("s", [1, 2, 3], greedy(100), arrival_time=0.0)
     short.token_ids += [4] * 5  # stopped after 5 of (clipped) 50 tokens: used 0.1
     assert policy.reserved_tokens(short) == 8 + 35 - 1  # 0.7 of the 95 left, clipped to 50

@@ -1,5 +1,6 @@
 """AsyncLLMEngine: concurrent streams equal the offline output, and a stream that ends early, is
 cancelled or is aborted frees its pages."""
+
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +9,8 @@ import random
 
 import pytest
 
-from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
+from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
@@ -40,7 +41,9 @@ def offline():
     return LLM(**ENGINE_ARGS)
 
 
-async def collect(engine: AsyncLLMEngine, request_id: str, prompt: list[int], params: SamplingParams) -> list:
+async def collect(
+    engine: AsyncLLMEngine, request_id: str, prompt: list[int], params: SamplingParams
+) -> list:
     return [chunk async for chunk in engine.generate(request_id, prompt, params)]
 
 
@@ -59,8 +62,9 @@ async def wait_idle(engine: AsyncLLMEngine, timeout: float = 20.0) -> None:
 async def test_concurrent_streams_equal_offline_output(engine, offline):
     n = 12
     expected = offline.generate(PROMPTS, greedy(n, logprobs=1))
-    results = await asyncio.gather(*(collect(engine, f"c{i}", p, greedy(n, logprobs=1))
-                                     for i, p in enumerate(PROMPTS)))
+    results = await asyncio.gather(
+        *(collect(engine, f"c{i}", p, greedy(n, logprobs=1)) for i, p in enumerate(PROMPTS))
+    )
     for chunks, ref in zip(results, expected):
         assert all(c.token_ids for c in chunks)  # stream_interval 1: never an empty chunk
         assert [c.finished for c in chunks] == [False] * (len(chunks) - 1) + [True]
@@ -68,7 +72,9 @@ async def test_concurrent_streams_equal_offline_output(engine, offline):
         assert [t for c in chunks for t in c.token_ids] == ref.token_ids
         assert "".join(c.text for c in chunks) == ref.text
         assert [lp.token_id for c in chunks for lp in c.logprobs] == ref.token_ids
-        assert [c.num_output_tokens for c in chunks] == list(itertools.accumulate(len(c.token_ids) for c in chunks))
+        assert [c.num_output_tokens for c in chunks] == list(
+            itertools.accumulate(len(c.token_ids) for c in chunks)
+        )
     await wait_idle(engine)
 
 

@@ -2,6 +2,7 @@
 however the prompt is split (chunked prefill), wherever its pages come from (prefix cache, shared
 prefixes), with small pages and with a KV pool so small that sequences are preempted; bf16 agrees
 with fp32 on the first token of most prompts."""
+
 from __future__ import annotations
 
 import random
@@ -67,8 +68,10 @@ def hf_greedy(hf_model):
             ids = torch.tensor([prompt])
             config.max_new_tokens = config.min_new_tokens = n
             with torch.no_grad():
-                out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            cache[key] = out[0, len(prompt):].tolist()
+                out = hf_model.generate(
+                    ids, attention_mask=torch.ones_like(ids), generation_config=config
+                )
+            cache[key] = out[0, len(prompt) :].tolist()
             assert len(cache[key]) == n
         return cache[key]
 
@@ -77,7 +80,9 @@ def hf_greedy(hf_model):
 
 def random_ids(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
-    return [rng.randrange(0, VOCAB - 16) for _ in range(n)]  # clear of the special tokens at the top
+    return [
+        rng.randrange(0, VOCAB - 16) for _ in range(n)
+    ]  # clear of the special tokens at the top
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +90,23 @@ def mixed_prompts(tokenizer) -> list[list[int]]:
     """Prompts from 1 to ~300 tokens, text and random ids, around page boundaries (16) too."""
     text_ids = tokenizer.encode(TEXT)
     assert len(text_ids) >= 250
-    prompts = [text_ids[:1], text_ids[:2], text_ids[:15], text_ids[:16], text_ids[:17], text_ids[:33],
-               text_ids[40:140], text_ids[:250]]
-    prompts += [random_ids(1, 1), random_ids(2, 7), random_ids(3, 64), random_ids(4, 129), random_ids(5, 300)]
+    prompts = [
+        text_ids[:1],
+        text_ids[:2],
+        text_ids[:15],
+        text_ids[:16],
+        text_ids[:17],
+        text_ids[:33],
+        text_ids[40:140],
+        text_ids[:250],
+    ]
+    prompts += [
+        random_ids(1, 1),
+        random_ids(2, 7),
+        random_ids(3, 64),
+        random_ids(4, 129),
+        random_ids(5, 300),
+    ]
     return prompts
 
 
@@ -102,6 +121,7 @@ def assert_equal_to_hf(outputs, prompts, hf_greedy) -> None:
 
 
 # ---- fp32 equality with HF ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def llm32() -> LLM:
@@ -140,8 +160,10 @@ def test_token_budget_smaller_than_running_batch(mixed_prompts, hf_greedy):
     assert_pool_idle(llm)
 
 
-@pytest.mark.skipif("decode_workspace_memory_gb" not in EngineConfig.model_fields,
-                    reason="no decode workspace in this engine")
+@pytest.mark.skipif(
+    "decode_workspace_memory_gb" not in EngineConfig.model_fields,
+    reason="no decode workspace in this engine",
+)
 @pytest.mark.parametrize("workspace_gb", [0.0, 0.0021])
 def test_decode_workspace_off_or_too_small_equals_hf(mixed_prompts, hf_greedy, workspace_gb):
     """Without a decode workspace, and with one that holds only a few rows (so some steps fall back
@@ -182,7 +204,9 @@ def test_shared_prefix_pages(tokenizer, hf_greedy, page_size, budget):
     suffixes = [random_ids(10 + i, n) for i, n in enumerate([1, 5, 16, 23])]
     batch1 = [prefix + s for s in suffixes]
     batch2 = [prefix + random_ids(20 + i, n) for i, n in enumerate([2, 9, 30])]
-    llm = LLM("tiny", dtype="float32", num_pages=512, page_size=page_size, max_num_batched_tokens=budget)
+    llm = LLM(
+        "tiny", dtype="float32", num_pages=512, page_size=page_size, max_num_batched_tokens=budget
+    )
     out1 = llm.generate(batch1, GREEDY)
     assert_equal_to_hf(out1, batch1, hf_greedy)
     out2 = llm.generate(batch2, GREEDY)
@@ -204,9 +228,22 @@ def test_preemption_in_tiny_pool_equals_hf(tokenizer, hf_greedy, prefix_caching)
     """A pool of 24 pages of 4 tokens holds about two of these sequences; admitted on optimistic
     reservations, some are preempted and recomputed, and every output still equals HF."""
     text_ids = tokenizer.encode(TEXT)
-    prompts = [text_ids[:10], random_ids(30, 20), text_ids[50:80], random_ids(31, 12), text_ids[:25]]
+    prompts = [
+        text_ids[:10],
+        random_ids(30, 20),
+        text_ids[50:80],
+        random_ids(31, 12),
+        text_ids[:25],
+    ]
     n = 40
-    llm = LLM("tiny", dtype="float32", num_pages=24, page_size=4, enable_prefix_caching=prefix_caching, **OPTIMISTIC)
+    llm = LLM(
+        "tiny",
+        dtype="float32",
+        num_pages=24,
+        page_size=4,
+        enable_prefix_caching=prefix_caching,
+        **OPTIMISTIC,
+    )
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outputs):
@@ -219,7 +256,9 @@ def test_preemption_with_chunked_prefill_equals_hf(tokenizer, hf_greedy):
     text_ids = tokenizer.encode(TEXT)
     prompts = [text_ids[:37], random_ids(40, 45), text_ids[60:100]]
     n = 20
-    llm = LLM("tiny", dtype="float32", num_pages=24, page_size=4, max_num_batched_tokens=9, **OPTIMISTIC)
+    llm = LLM(
+        "tiny", dtype="float32", num_pages=24, page_size=4, max_num_batched_tokens=9, **OPTIMISTIC
+    )
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outputs):
@@ -238,14 +277,19 @@ def test_cached_tokens_never_exceed_prompt_after_preemption(tokenizer):
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outputs):
         assert out.num_cached_tokens <= len(prompt) - 1, (len(prompt), out.num_cached_tokens)
-    assert sum(o.num_cached_tokens for o in outputs) == llm.engine.stats().cached_prompt_tokens_total
+    assert (
+        sum(o.num_cached_tokens for o in outputs) == llm.engine.stats().cached_prompt_tokens_total
+    )
 
 
 # ---- bf16 -----------------------------------------------------------------------------------------
 
+
 def test_bf16_first_token_agrees_with_fp32(tokenizer, llm32):
     text_ids = tokenizer.encode(TEXT)
-    prompts = [text_ids[i * 7:i * 7 + 5 + i * 3] for i in range(16)] + [random_ids(100 + i, 3 + 9 * i) for i in range(16)]
+    prompts = [text_ids[i * 7 : i * 7 + 5 + i * 3] for i in range(16)] + [
+        random_ids(100 + i, 3 + 9 * i) for i in range(16)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     llm16 = LLM("tiny", dtype="bfloat16", num_pages=1024)
     assert llm16.engine.model_info["dtype"] == "bfloat16"

@@ -4,6 +4,7 @@ device pool come back from the tier, and their greedy output still equals HF tra
 token (fp32), also under retraction and with Semi-PD; a second engine (another replica) reuses the first
 one's pages; loaded pages are never written back; a request aborted while its prefix loads returns its
 pages; the counters reach /metrics; the settings and ENABLE_EDGE_ACC."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,11 +17,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from edgeacc_ray.config import ConfigError, ServeConfig
+from edgeacc_ray.config import ConfigError, EngineConfig, SemiPDConfig, ServeConfig
 from edgeacc_ray.engine import AsyncLLMEngine
-from edgeacc_ray.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import SequenceStatus
+from edgeacc_ray.engine.request import SamplingParams, SequenceStatus
 from edgeacc_ray.http.metrics import render
 from edgeacc_ray.llm import LLM
 from kv_store.store_actor import STORE_NAMESPACE
@@ -47,7 +46,7 @@ def hf_greedy(tiny_model_path):
         config.max_new_tokens = config.min_new_tokens = n
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        return out[0, len(prompt):].tolist()
+        return out[0, len(prompt) :].tolist()
 
     return run
 
@@ -64,8 +63,14 @@ def store(ray_cluster):
 
 
 def tiered(store: str, **kwargs) -> LLM:
-    args = dict(dtype="float32", page_size=PAGE, num_pages=40, enable_hierarchical_cache=True, kv_store_name=store,
-                kv_cache_offload_memory_gb=0.05)
+    args = dict(
+        dtype="float32",
+        page_size=PAGE,
+        num_pages=40,
+        enable_hierarchical_cache=True,
+        kv_store_name=store,
+        kv_cache_offload_memory_gb=0.05,
+    )
     args.update(kwargs)
     return LLM("tiny", **args)
 
@@ -100,7 +105,9 @@ def test_prompts_evicted_from_the_pool_come_back_from_the_tier_and_equal_hf(stor
     again = llm.generate(batch, GREEDY)
     for prompt, a, b in zip(batch, first, again):
         assert a.token_ids == b.token_ids == hf_greedy(prompt), len(prompt)
-        assert b.num_cached_tokens >= (len(prompt) - 1) // PAGE * PAGE - PAGE  # all but the last page or two
+        assert (
+            b.num_cached_tokens >= (len(prompt) - 1) // PAGE * PAGE - PAGE
+        )  # all but the last page or two
     stats = llm.engine.stats()
     host = stats.host_cached_prompt_tokens_total - before.host_cached_prompt_tokens_total
     cached = stats.cached_prompt_tokens_total - before.cached_prompt_tokens_total
@@ -114,13 +121,21 @@ def test_prompts_evicted_from_the_pool_come_back_from_the_tier_and_equal_hf(stor
 
 def test_a_page_used_once_is_not_written_a_reused_one_is_once_and_loaded_pages_never_go_back(store):
     batch = prompts()
-    llm = tiered(store, new_token_ratio_init=1.0, new_token_ratio_min=1.0)  # whole reservations: no retraction
+    llm = tiered(
+        store, new_token_ratio_init=1.0, new_token_ratio_min=1.0
+    )  # whole reservations: no retraction
     llm.generate(batch, GREEDY)
     settle(llm)
-    assert llm.engine.stats().hicache.pages_written_total == 0  # random prompts, each seen once: nothing stored
+    assert (
+        llm.engine.stats().hicache.pages_written_total == 0
+    )  # random prompts, each seen once: nothing stored
     reused = 0
-    for prompt in batch:  # each twice more: the first repeat's full prompt pages come from the pool and go on
-        llm.generate([prompt], GREEDY)  # (evicted since round one by the other prompts: computed, used once)
+    for prompt in (
+        batch
+    ):  # each twice more: the first repeat's full prompt pages come from the pool and go on
+        llm.generate(
+            [prompt], GREEDY
+        )  # (evicted since round one by the other prompts: computed, used once)
         [out] = llm.generate([prompt], GREEDY)
         assert out.num_cached_tokens == (len(prompt) - 1) // PAGE * PAGE
         reused += out.num_cached_tokens // PAGE
@@ -130,9 +145,15 @@ def test_a_page_used_once_is_not_written_a_reused_one_is_once_and_loaded_pages_n
     assert written == reused
     llm.engine.flush_cache()  # the next prefixes come from the tier only
     again = llm.generate(batch, GREEDY)
-    assert sum(o.num_cached_tokens for o in again) == llm.engine.stats().host_cached_prompt_tokens_total > 0
+    assert (
+        sum(o.num_cached_tokens for o in again)
+        == llm.engine.stats().host_cached_prompt_tokens_total
+        > 0
+    )
     settle(llm)
-    assert llm.engine.stats().hicache.pages_written_total == written  # loaded pages are never sent back
+    assert (
+        llm.engine.stats().hicache.pages_written_total == written
+    )  # loaded pages are never sent back
     llm.close()
 
 
@@ -143,7 +164,9 @@ def test_second_engine_continues_the_conversation_from_the_tier(store, hf_greedy
     first = tiered(store)
     [answer] = first.generate([turn1], GREEDY)
     history = turn1 + answer.token_ids
-    first.generate([history], SamplingParams(temperature=0.0, max_tokens=1))  # the history reused: stored
+    first.generate(
+        [history], SamplingParams(temperature=0.0, max_tokens=1)
+    )  # the history reused: stored
     first.close()  # sends what it queued
     turn2 = history + random_ids(8, 13)
     second = tiered(store)
@@ -164,7 +187,10 @@ def test_retraction_with_the_tier_equals_hf(store, hf_greedy):
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     use_twice(llm, batch, params)
     outputs = llm.generate(batch, params)
-    assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.stats().host_cached_prompt_tokens_total > 0
+    assert (
+        llm.engine.scheduler.num_preemptions > 0
+        and llm.engine.stats().host_cached_prompt_tokens_total > 0
+    )
     for prompt, out in zip(batch, outputs):
         assert out.token_ids == hf_greedy(prompt, n), len(prompt)
         assert out.num_cached_tokens <= len(prompt) - 1
@@ -197,7 +223,9 @@ def test_loading_request_counts_as_admitted_and_returns_its_pages_on_abort(store
     engine.step()
     seq = engine.sequences["loading"]
     assert seq.status == SequenceStatus.LOADING and engine.stats().num_loading == 1
-    assert engine.sequences["behind"].status == SequenceStatus.WAITING  # the running bound (1) is taken
+    assert (
+        engine.sequences["behind"].status == SequenceStatus.WAITING
+    )  # the running bound (1) is taken
     assert engine.scheduler.blocked  # so the loop may sleep until the read is back
     assert engine.abort("loading").finish_reason == "abort"
     while engine.has_unfinished():
@@ -210,8 +238,15 @@ def test_loading_request_counts_as_admitted_and_returns_its_pages_on_abort(store
 
 def test_async_engine_wakes_when_a_read_comes_back(store, hf_greedy):
     """The serving loop sleeps while only tier reads are out, and a read coming back wakes it."""
-    config = EngineConfig(model="tiny", dtype="float32", page_size=PAGE, num_pages=40, enable_hierarchical_cache=True,
-                          kv_store_name=store, kv_cache_offload_memory_gb=0.05)
+    config = EngineConfig(
+        model="tiny",
+        dtype="float32",
+        page_size=PAGE,
+        num_pages=40,
+        enable_hierarchical_cache=True,
+        kv_store_name=store,
+        kv_cache_offload_memory_gb=0.05,
+    )
     prompt = random_ids(60, 57)
     engine = AsyncLLMEngine(config)
 
@@ -243,36 +278,66 @@ def test_tier_counters_reach_metrics(store):
     label = '{model_name="tiny"}'
     assert f"edgeacc:host_cached_tokens_total{label} {float(host)}" in text
     assert f"edgeacc:device_cached_tokens_total{label} {float(device)}" in text
-    assert f"sglang:load_back_tokens_total{label} {float(stats.hicache.pages_loaded_total * PAGE)}" in text
+    assert (
+        f"sglang:load_back_tokens_total{label} {float(stats.hicache.pages_loaded_total * PAGE)}"
+        in text
+    )
     assert f"sglang:cache_hit_rate{label} {stats.cache_hit_rate}" in text
-    for name in ("sglang:backuped_tokens_total", "sglang:hicache_host_used_tokens", "edgeacc:hicache_loads_total",
-                 "edgeacc:hicache_load_misses_total", "edgeacc:host_cache_hit_rate", "edgeacc:num_loading_reqs"):
+    for name in (
+        "sglang:backuped_tokens_total",
+        "sglang:hicache_host_used_tokens",
+        "edgeacc:hicache_loads_total",
+        "edgeacc:hicache_load_misses_total",
+        "edgeacc:host_cache_hit_rate",
+        "edgeacc:num_loading_reqs",
+    ):
         assert name in text
     llm.close()
 
 
 def test_tier_without_ray_is_refused_before_the_model_loads():
     """The offline engine does not start a Ray cluster on its own (a fresh process: this one has Ray)."""
-    code = ("from edgeacc_ray.llm import LLM\n"
-            "from edgeacc_ray.engine.kv.tier import TierUnavailable\n"
-            "try:\n    LLM('no-such-model', enable_hierarchical_cache=True)\n"
-            "except TierUnavailable as e:\n    print('refused:', e)\n")
+    code = (
+        "from edgeacc_ray.llm import LLM\n"
+        "from edgeacc_ray.engine.kv.tier import TierUnavailable\n"
+        "try:\n    LLM('no-such-model', enable_hierarchical_cache=True)\n"
+        "except TierUnavailable as e:\n    print('refused:', e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "refused: enable_hierarchical_cache needs a Ray cluster" in out.stdout, out.stderr[-2000:]
+    assert "refused: enable_hierarchical_cache needs a Ray cluster" in out.stdout, out.stderr[
+        -2000:
+    ]
 
 
 def test_settings_env_and_enable_edge_acc():
     assert ServeConfig.from_sources({}, env={}).enable_hierarchical_cache is False
-    cfg = ServeConfig.from_sources({}, env={"EDGEACC_ENABLE_HIERARCHICAL_CACHE": "true",
-                                            "EDGEACC_KV_CACHE_OFFLOAD_MEMORY_GB": "2.5"})
+    cfg = ServeConfig.from_sources(
+        {},
+        env={
+            "EDGEACC_ENABLE_HIERARCHICAL_CACHE": "true",
+            "EDGEACC_KV_CACHE_OFFLOAD_MEMORY_GB": "2.5",
+        },
+    )
     engine = cfg.engine_config()
     assert engine.enable_hierarchical_cache is True and engine.kv_cache_offload_memory_gb == 2.5
     edge = ServeConfig.from_sources({}, env={"ENABLE_EDGE_ACC": "True"})
     assert edge.enable_hierarchical_cache is True
-    assert ServeConfig.model_validate(edge.model_dump()).enable_hierarchical_cache is True  # reaches the replicas
-    assert ServeConfig.from_sources({"enable_hierarchical_cache": False}, env={"ENABLE_EDGE_ACC": "1"}) \
-        .enable_hierarchical_cache is False
-    assert ServeConfig.from_sources({"enable_prefix_caching": False}, env={"ENABLE_EDGE_ACC": "1"}) \
-        .enable_hierarchical_cache is False
+    assert (
+        ServeConfig.model_validate(edge.model_dump()).enable_hierarchical_cache is True
+    )  # reaches the replicas
+    assert (
+        ServeConfig.from_sources(
+            {"enable_hierarchical_cache": False}, env={"ENABLE_EDGE_ACC": "1"}
+        ).enable_hierarchical_cache
+        is False
+    )
+    assert (
+        ServeConfig.from_sources(
+            {"enable_prefix_caching": False}, env={"ENABLE_EDGE_ACC": "1"}
+        ).enable_hierarchical_cache
+        is False
+    )
     with pytest.raises(ConfigError, match="enable_hierarchical_cache needs enable_prefix_caching"):
-        ServeConfig.from_sources({"enable_hierarchical_cache": True, "enable_prefix_caching": False}, env={})
+        ServeConfig.from_sources(
+            {"enable_hierarchical_cache": True, "enable_prefix_caching": False}, env={}
+        )

@@ -3,6 +3,7 @@ longer than max_queue_wait_s at the measured drain rate, is refused on arrival w
 and a Retry-After from that rate; one that waited past queue_timeout_s is dropped with QueueTimeout,
 holding nothing. Both reach AsyncLLMEngine's callers and survive pickling (the Ray hop); the offline
 LLM has no queue bounds unless asked."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,13 +14,16 @@ import time
 
 import pytest
 
-from edgeacc_ray.engine.scheduling import queue_bounds
-from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, QueueTimeout
-from edgeacc_ray.engine import LLMEngine
+from edgeacc_ray.engine import AsyncLLMEngine, LLMEngine
+from edgeacc_ray.engine.request import (
+    EngineOverloaded,
+    EngineUnavailable,
+    QueueTimeout,
+    SamplingParams,
+)
+from edgeacc_ray.engine.scheduling import queue_bounds
 from edgeacc_ray.engine.scheduling.queue_bounds import DrainRate, QueueBounds
-from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.scheduling.start_forecast import Job, start_time_s
 from edgeacc_ray.llm import LLM
 from tests.test_engine_pages import assert_pool_idle
@@ -37,6 +41,7 @@ def greedy(n: int) -> SamplingParams:
 
 
 # ---- the bounds as a unit, on a synthetic clock -----------------------------------------------------
+
 
 def drained(per_s: int) -> DrainRate:
     """A drain rate measured over two busy seconds that each started `per_s` requests."""
@@ -73,7 +78,9 @@ def test_queue_full_is_refused_with_retry_after_from_the_drain_rate():
 
 def test_a_predicted_wait_beyond_the_bound_is_refused():
     bounds = QueueBounds(max_queued=-1, max_wait_s=5.0, timeout_s=None)
-    bounds.check_arrival(10_000)  # no measurement yet: only the count bound applies (unbounded here)
+    bounds.check_arrival(
+        10_000
+    )  # no measurement yet: only the count bound applies (unbounded here)
     bounds.drain = drained(per_s=10)
     bounds.check_arrival(49)  # the 50th would wait 5 s
     with pytest.raises(EngineOverloaded) as info:
@@ -90,21 +97,34 @@ def test_the_forecast_starts_waiters_as_slots_and_pages_free():
     running = [Job(pages=4, seconds=1.0), Job(pages=2, seconds=3.0)]
     one_slot = dict(free_slots=1, free_pages=10)
     assert start_time_s(running, [Job(1, 5.0)], **one_slot) == 0.0  # a free slot: at once
-    assert start_time_s(running, [Job(1, 5.0), Job(1, 5.0)], **one_slot) == 1.0  # the first to end frees one
+    assert (
+        start_time_s(running, [Job(1, 5.0), Job(1, 5.0)], **one_slot) == 1.0
+    )  # the first to end frees one
     assert start_time_s(running, [Job(1, 5.0)] * 3, **one_slot) == 3.0
-    assert start_time_s(running, [Job(1, 5.0)] * 4, **one_slot) == 5.0  # behind the first waiter's own run
+    assert (
+        start_time_s(running, [Job(1, 5.0)] * 4, **one_slot) == 5.0
+    )  # behind the first waiter's own run
     assert start_time_s(running, [Job(1, 5.0)] * 4, **one_slot, horizon_s=4.0) == math.inf
     # Slots to spare but pages short: it starts when enough pages come back.
     assert start_time_s(running, [Job(11, 1.0)], free_slots=8, free_pages=7) == 1.0
     assert start_time_s(running, [Job(13, 1.0)], free_slots=8, free_pages=7) == 3.0
-    assert start_time_s(running, [Job(99, 1.0)], free_slots=8, free_pages=7) == math.inf  # never fits
+    assert (
+        start_time_s(running, [Job(99, 1.0)], free_slots=8, free_pages=7) == math.inf
+    )  # never fits
 
 
 def test_a_burst_is_refused_at_the_forecast_before_any_rate_is_measured():
     """Two slots, 10-token outputs reserved in full, 0.1 s a step: two start now, two when they end
     (1 s, within max_queue_wait_s), the fifth would wait 2 s. No drain rate exists yet."""
-    engine = LLMEngine(EngineConfig(max_num_seqs=2, max_queued_requests=-1, max_queue_wait_s=1.0,
-                                    new_token_ratio_init=1.0, **TINY))
+    engine = LLMEngine(
+        EngineConfig(
+            max_num_seqs=2,
+            max_queued_requests=-1,
+            max_queue_wait_s=1.0,
+            new_token_ratio_init=1.0,
+            **TINY,
+        )
+    )
     engine.step_time.seconds = 0.1
     for i in range(4):
         engine.add_request(f"r{i}", ids(i, 6), greedy(10))
@@ -121,8 +141,15 @@ def test_a_burst_is_refused_at_the_forecast_before_any_rate_is_measured():
 def test_a_request_that_can_start_now_is_admitted_whatever_the_drain_rate():
     """A slow measured rate (long outputs) says the next waiter waits 2 s, beyond max_queue_wait_s; a
     request arriving at an engine with free slots and pages starts at once, so it is admitted."""
-    engine = LLMEngine(EngineConfig(max_num_seqs=2, max_queued_requests=-1, max_queue_wait_s=1.0,
-                                    new_token_ratio_init=1.0, **TINY))
+    engine = LLMEngine(
+        EngineConfig(
+            max_num_seqs=2,
+            max_queued_requests=-1,
+            max_queue_wait_s=1.0,
+            new_token_ratio_init=1.0,
+            **TINY,
+        )
+    )
     engine.queue_bounds.drain = drained(per_s=0.5)
     engine.step_time.seconds = 0.1
     engine.add_request("r0", ids(0, 6), greedy(10))
@@ -137,8 +164,11 @@ def test_a_request_that_can_start_now_is_admitted_whatever_the_drain_rate():
 
 
 def test_errors_pickle_with_their_fields():
-    for error in (EngineOverloaded("full", 7, "queue_full"), QueueTimeout("late", 3, "queue_timeout"),
-                  EngineUnavailable("restarting")):
+    for error in (
+        EngineOverloaded("full", 7, "queue_full"),
+        QueueTimeout("late", 3, "queue_timeout"),
+        EngineUnavailable("restarting"),
+    ):
         back = pickle.loads(pickle.dumps(error))
         assert type(back) is type(error) and str(back) == str(error)
         assert (back.retry_after_s, back.code) == (error.retry_after_s, error.code)
@@ -146,6 +176,7 @@ def test_errors_pickle_with_their_fields():
 
 
 # ---- in the engine ---------------------------------------------------------------------------------
+
 
 def test_engine_refuses_beyond_the_queue_bound_with_the_measured_rate(monkeypatch):
     monkeypatch.setattr(queue_bounds, "DRAIN_WINDOW_S", 0.05)
@@ -183,7 +214,11 @@ def test_a_request_that_waited_too_long_is_dropped_and_holds_nothing():
     failures = engine.take_failures()
     assert sorted(failures) == ["waits", "waits-too"]
     for error in failures.values():
-        assert isinstance(error, QueueTimeout) and error.code == "queue_timeout" and error.retry_after_s >= 1
+        assert (
+            isinstance(error, QueueTimeout)
+            and error.code == "queue_timeout"
+            and error.retry_after_s >= 1
+        )
         assert "queue_timeout_s=0.2" in str(error)
     assert set(engine.sequences) == {"runs"} and not engine.scheduler.waiting
     assert engine.stats().queue_timeouts_total == 2
@@ -212,8 +247,15 @@ def test_the_running_bound_moves_with_measured_tpot_and_limits_admission():
 
 
 async def test_async_callers_get_overload_and_timeout_errors():
-    engine = AsyncLLMEngine(EngineConfig(max_num_seqs=1, max_queued_requests=1, queue_timeout_s=0.3,
-                                         max_queue_wait_s=None, **TINY))
+    engine = AsyncLLMEngine(
+        EngineConfig(
+            max_num_seqs=1,
+            max_queued_requests=1,
+            queue_timeout_s=0.3,
+            max_queue_wait_s=None,
+            **TINY,
+        )
+    )
     try:
         runs = engine.generate("runs", ids(1, 8), greedy(1500))
         first = await runs.__anext__()  # running: the only slot is taken
@@ -242,12 +284,20 @@ async def test_async_callers_get_overload_and_timeout_errors():
 def test_offline_llm_has_no_queue_bounds_unless_asked():
     llm = LLM(**{k: v for k, v in TINY.items() if k != "tpot_slo_ms"}, max_num_seqs=2)
     config = llm.engine.config
-    assert (config.max_queued_requests, config.max_queue_wait_s, config.queue_timeout_s, config.tpot_slo_ms) == \
-        (-1, None, None, None)
-    outs = llm.generate([ids(i, 5) for i in range(1100)], greedy(1))  # more than the serving default bound
+    assert (
+        config.max_queued_requests,
+        config.max_queue_wait_s,
+        config.queue_timeout_s,
+        config.tpot_slo_ms,
+    ) == (-1, None, None, None)
+    outs = llm.generate(
+        [ids(i, 5) for i in range(1100)], greedy(1)
+    )  # more than the serving default bound
     assert len(outs) == 1100 and all(len(o.token_ids) == 1 for o in outs)
     bounded = LLM(**TINY, max_queued_requests=2)
     with pytest.raises(EngineOverloaded):
         bounded.generate([ids(i, 5) for i in range(3)], greedy(1))
     assert_pool_idle(bounded.engine)  # what was queued before the refusal was taken back
-    assert [len(o.token_ids) for o in bounded.generate([ids(i, 5) for i in range(2)], greedy(1))] == [1, 1]
+    assert [
+        len(o.token_ids) for o in bounded.generate([ids(i, 5) for i in range(2)], greedy(1))
+    ] == [1, 1]

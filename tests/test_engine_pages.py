@@ -1,5 +1,6 @@
 """KV page accounting of the native engine: every page comes back after completion and abort, the
 prefix cache reports the right hits, flush empties it, and LRU eviction keeps allocation going."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,7 @@ import pytest
 
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine import LLMEngine
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import SequenceStatus
+from edgeacc_ray.engine.request import SamplingParams, SequenceStatus
 from edgeacc_ray.llm import LLM
 
 VOCAB = 8000
@@ -35,7 +35,9 @@ def assert_pool_idle(engine: LLMEngine) -> None:
     assert sorted(list(bm.free_pages) + list(bm.evictable)) == list(range(bm.num_pages))
 
 
-def drain(engine: LLMEngine, chunks: dict[str, list] | None = None, max_steps: int = 10_000) -> dict[str, list]:
+def drain(
+    engine: LLMEngine, chunks: dict[str, list] | None = None, max_steps: int = 10_000
+) -> dict[str, list]:
     """Step until idle; the chunks each request received (added to `chunks` when given)."""
     chunks = {} if chunks is None else chunks
     for _ in range(max_steps):
@@ -53,6 +55,7 @@ def make_engine(**kwargs) -> LLMEngine:
 
 
 # ---- completion and abort -------------------------------------------------------------------------
+
 
 def test_pages_return_after_completion():
     engine = make_engine(page_size=4)
@@ -166,8 +169,13 @@ def test_abort_flushes_held_back_text():
     engine.add_request("ref", prompt, greedy(6))
     ref = "".join(o.text for o in drain(engine)["ref"])
     assert len(ref) >= 4
-    engine.add_request("held", prompt, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True,
-                                                      stop=["\x00\x01 never appears here"]))
+    engine.add_request(
+        "held",
+        prompt,
+        SamplingParams(
+            temperature=0.0, max_tokens=50, ignore_eos=True, stop=["\x00\x01 never appears here"]
+        ),
+    )
     streamed = ""
     for _ in range(6):
         streamed += "".join(o.text for o in engine.step())
@@ -178,6 +186,7 @@ def test_abort_flushes_held_back_text():
 
 # ---- prefix cache -----------------------------------------------------------------------------------
 
+
 def test_prefix_cache_counts_full_pages_of_shared_prefix():
     llm = LLM("tiny", dtype="float32", num_pages=256, page_size=16)
     engine = llm.engine
@@ -185,7 +194,9 @@ def test_prefix_cache_counts_full_pages_of_shared_prefix():
     [first] = llm.generate(prefix + ids(21, 10), greedy(2))
     assert first.num_cached_tokens == 0
     assert engine.stats().cached_prompt_tokens_total == 0
-    outs = llm.generate([prefix + ids(22, 10), prefix + ids(23, 30), prefix[:48] + ids(24, 1)], greedy(2))
+    outs = llm.generate(
+        [prefix + ids(22, 10), prefix + ids(23, 30), prefix[:48] + ids(24, 1)], greedy(2)
+    )
     assert [o.num_cached_tokens for o in outs] == [48, 48, 48]
     stats = engine.stats()
     assert stats.cached_prompt_tokens_total == 3 * 48
@@ -201,7 +212,9 @@ def test_prefix_cache_never_serves_the_whole_prompt():
     [a] = llm.generate(prompt, greedy(3))
     [b] = llm.generate(prompt, greedy(3))
     assert a.num_cached_tokens == 0
-    assert b.num_cached_tokens == 48  # the last page holds the last prompt token, which must be computed
+    assert (
+        b.num_cached_tokens == 48
+    )  # the last page holds the last prompt token, which must be computed
     assert a.token_ids == b.token_ids
     [c] = llm.generate(prompt[:16], greedy(3))  # one page: nothing may be served from the cache
     assert c.num_cached_tokens == 0

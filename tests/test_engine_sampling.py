@@ -1,5 +1,6 @@
 """Sampling behaviour of the native engine: seeds, top-k/top-p/min-p, stop strings and tokens,
 length and eos, logprobs against HF, penalties against a reference, and streamed text."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,13 @@ from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 
 EOS_IDS = {7999, 7997}
-PROMPTS = ["The quick brown fox jumps over", "def main():\n    return", "Once upon a time, there was",
-           "import os\nimport os\nimport os\n", "Hello, how are you today? I am"]
+PROMPTS = [
+    "The quick brown fox jumps over",
+    "def main():\n    return",
+    "Once upon a time, there was",
+    "import os\nimport os\nimport os\n",
+    "Hello, how are you today? I am",
+]
 REPETITIVE = "import os\nimport os\nimport os\n"  # its greedy continuation repeats " Message"
 
 
@@ -45,15 +51,19 @@ def hf_log_probs(hf_model, prompt: list[int], output: list[int]) -> torch.Tensor
     """[len(output), vocab] log-softmax of HF's fp32 logits at each generated position."""
     ids = torch.tensor([prompt + output])
     with torch.no_grad():
-        logits = hf_model(ids).logits[0, len(prompt) - 1:len(prompt) + len(output) - 1].float()
+        logits = hf_model(ids).logits[0, len(prompt) - 1 : len(prompt) + len(output) - 1].float()
     return torch.log_softmax(logits, dim=-1)
 
 
 # ---- seeds and filters ------------------------------------------------------------------------------
 
+
 def test_same_seed_same_output_different_seeds_differ(llm):
     prompt = PROMPTS[0]
-    params = [SamplingParams(temperature=1.0, max_tokens=16, seed=s, ignore_eos=True) for s in (1, 1, 2, 3)]
+    params = [
+        SamplingParams(temperature=1.0, max_tokens=16, seed=s, ignore_eos=True)
+        for s in (1, 1, 2, 3)
+    ]
     a, b, c, d = llm.generate([prompt] * 4, params)
     assert a.token_ids == b.token_ids
     [again] = llm.generate(prompt, params[0])  # alone, in a later batch
@@ -75,8 +85,16 @@ def test_unseeded_sampling_is_random(llm):
     assert len(set(runs)) > 1
 
 
-@pytest.mark.parametrize("fields", [dict(top_k=1), dict(top_k=1, seed=5), dict(top_p=1e-9), dict(min_p=1.0),
-                                    dict(temperature=0.0, top_k=50, top_p=0.5)])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(top_k=1),
+        dict(top_k=1, seed=5),
+        dict(top_p=1e-9),
+        dict(min_p=1.0),
+        dict(temperature=0.0, top_k=50, top_p=0.5),
+    ],
+)
 def test_degenerate_filters_equal_greedy(llm, greedy_outputs, fields):
     fields = {"temperature": 1.0, **fields}
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True, **fields))
@@ -84,7 +102,9 @@ def test_degenerate_filters_equal_greedy(llm, greedy_outputs, fields):
 
 
 def test_top_k_samples_only_among_the_top_k(llm):
-    params = SamplingParams(temperature=5.0, top_k=3, max_tokens=24, ignore_eos=True, logprobs=3, seed=11)
+    params = SamplingParams(
+        temperature=5.0, top_k=3, max_tokens=24, ignore_eos=True, logprobs=3, seed=11
+    )
     outs = llm.generate(PROMPTS, params)
     non_greedy = 0
     for out in outs:
@@ -96,7 +116,9 @@ def test_top_k_samples_only_among_the_top_k(llm):
 
 
 def test_top_p_samples_only_inside_the_nucleus(llm):
-    params = SamplingParams(temperature=1.0, top_p=0.6, max_tokens=24, ignore_eos=True, logprobs=20, seed=3)
+    params = SamplingParams(
+        temperature=1.0, top_p=0.6, max_tokens=24, ignore_eos=True, logprobs=20, seed=3
+    )
     for out in llm.generate(PROMPTS, params):
         for lp in out.logprobs:
             mass_before = sum(torch.tensor(v).exp().item() for t, v in lp.top if v > lp.logprob)
@@ -105,10 +127,15 @@ def test_top_p_samples_only_inside_the_nucleus(llm):
 
 # ---- stopping --------------------------------------------------------------------------------------
 
+
 def test_max_tokens_gives_length(llm):
     for n in (1, 5):
         for out in llm.generate(PROMPTS, greedy(n)):
-            assert len(out.token_ids) == n and out.finish_reason == "length" and out.stop_reason is None
+            assert (
+                len(out.token_ids) == n
+                and out.finish_reason == "length"
+                and out.stop_reason is None
+            )
 
 
 def test_stop_string_across_tokens(llm, tokenizer, greedy_outputs):
@@ -135,22 +162,22 @@ def test_stop_string_across_tokens(llm, tokenizer, greedy_outputs):
 def test_earliest_of_several_stop_strings_wins(llm, greedy_outputs):
     ref = greedy_outputs[2]
     text = ref.text
-    early, late = text[4:7], text[len(text) - 6:len(text) - 3]
+    early, late = text[4:7], text[len(text) - 6 : len(text) - 3]
     assert text.find(early) < text.find(late)
     [out] = llm.generate(PROMPTS[2], greedy(24, stop=[late, early]))
-    assert out.stop_reason == early and out.text == text[:text.find(early)]
+    assert out.stop_reason == early and out.text == text[: text.find(early)]
 
 
 def test_streamed_chunks_never_show_a_stop_string(llm, greedy_outputs):
     engine = llm.engine
     text = greedy_outputs[0].text
-    stop = text[len(text) // 2:len(text) // 2 + 4]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
     engine.add_request("s", llm.tokenizer.encode(PROMPTS[0]), greedy(24, stop=[stop]))
     chunks = []
     while engine.has_unfinished():
         chunks += engine.step()
     streamed = "".join(c.text for c in chunks)
-    assert streamed == text[:text.find(stop)]
+    assert streamed == text[: text.find(stop)]
     assert chunks[-1].finished and chunks[-1].stop_reason == stop
     assert not any(c.finished for c in chunks[:-1])
 
@@ -170,7 +197,7 @@ def test_stop_token_ids(llm, greedy_outputs):
     stop_token = ref[4]
     first = ref.index(stop_token)
     [out] = llm.generate(PROMPTS[1], greedy(24, stop_token_ids=[stop_token, 7000]))
-    assert out.token_ids == ref[:first + 1]  # the stop token is the last output token
+    assert out.token_ids == ref[: first + 1]  # the stop token is the last output token
     assert out.finish_reason == "stop" and out.stop_reason == stop_token
 
 
@@ -194,9 +221,13 @@ def test_eos_ends_generation_unless_ignored(llm, eos_prompt):
     assert len(out.token_ids) == 1 and out.token_ids[0] in EOS_IDS
     assert out.finish_reason == "stop" and out.stop_reason is None
     assert out.text == ""  # special tokens skipped
-    [raw] = llm.generate(eos_prompt, SamplingParams(temperature=0.0, max_tokens=10, skip_special_tokens=False))
+    [raw] = llm.generate(
+        eos_prompt, SamplingParams(temperature=0.0, max_tokens=10, skip_special_tokens=False)
+    )
     assert raw.text == llm.tokenizer.decode(raw.token_ids)
-    [ignored] = llm.generate(eos_prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    [ignored] = llm.generate(
+        eos_prompt, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    )
     assert ignored.finish_reason == "length" and len(ignored.token_ids) == 10
     assert ignored.token_ids[0] == out.token_ids[0]
     bm = llm.engine.block_manager
@@ -224,6 +255,7 @@ def test_eos_finishes_one_request_of_a_batch(llm, eos_prompt):
 
 # ---- logprobs ---------------------------------------------------------------------------------------
 
+
 def test_logprobs_match_hf(llm, hf_model, tokenizer):
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
     outs = llm.generate(prompts, greedy(10, logprobs=5))
@@ -244,7 +276,9 @@ def test_logprobs_match_hf(llm, hf_model, tokenizer):
 
 def test_logprobs_of_sampled_tokens_match_hf(llm, hf_model, tokenizer):
     prompt = tokenizer.encode(PROMPTS[4])
-    [out] = llm.generate(prompt, SamplingParams(temperature=1.5, max_tokens=10, seed=4, ignore_eos=True, logprobs=0))
+    [out] = llm.generate(
+        prompt, SamplingParams(temperature=1.5, max_tokens=10, seed=4, ignore_eos=True, logprobs=0)
+    )
     ref = hf_log_probs(hf_model, prompt, out.token_ids)
     for step, lp in enumerate(out.logprobs):
         assert lp.top == []
@@ -258,8 +292,15 @@ def test_logprobs_off_by_default(llm):
 
 # ---- penalties --------------------------------------------------------------------------------------
 
-def penalized_reference(hf_model, prompt: list[int], n: int, presence: float = 0.0, frequency: float = 0.0,
-                        repetition: float = 1.0) -> list[int]:
+
+def penalized_reference(
+    hf_model,
+    prompt: list[int],
+    n: int,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    repetition: float = 1.0,
+) -> list[int]:
     """Greedy decoding with OpenAI presence/frequency penalties (on output tokens) and the HF/vLLM
     repetition penalty (on prompt and output tokens), step by step with HF's fp32 logits."""
     out: list[int] = []
@@ -283,9 +324,12 @@ def test_penalties_change_output_as_the_reference_does(llm, hf_model, tokenizer,
     n = 16
     [plain] = llm.generate(prompt, greedy(n))
     assert len(set(plain.token_ids)) < n - 3  # the unpenalized output repeats itself
-    params = greedy(n, presence_penalty=fields.get("presence", 0.0),
-                    frequency_penalty=fields.get("frequency", 0.0),
-                    repetition_penalty=fields.get("repetition", 1.0))
+    params = greedy(
+        n,
+        presence_penalty=fields.get("presence", 0.0),
+        frequency_penalty=fields.get("frequency", 0.0),
+        repetition_penalty=fields.get("repetition", 1.0),
+    )
     [out] = llm.generate(prompt, params)
     assert out.token_ids != plain.token_ids
     assert out.token_ids == penalized_reference(hf_model, prompt, n, **fields)
@@ -295,8 +339,15 @@ def test_repetition_penalty_equals_hf_generate(llm, hf_model, tokenizer):
     prompt = tokenizer.encode(REPETITIVE)
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        hf = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                               do_sample=False, repetition_penalty=1.3, pad_token_id=0)[0, len(prompt):].tolist()
+        hf = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=1.3,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     [out] = llm.generate(prompt, greedy(12, repetition_penalty=1.3))
     assert out.token_ids == hf
 
@@ -311,11 +362,18 @@ def test_penalized_request_does_not_disturb_its_batch(llm, greedy_outputs):
 
 # ---- streamed text ----------------------------------------------------------------------------------
 
+
 def test_streamed_text_equals_decode(tiny_model_path, tokenizer):
     engine = LLMEngine(EngineConfig(model="tiny", dtype="float32", num_pages=512))
-    texts = PROMPTS + ["Un café très chaud, s'il vous plaît: ", "日本語のテキスト", "emoji 🎉🎉 and more"]
+    texts = PROMPTS + [
+        "Un café très chaud, s'il vous plaît: ",
+        "日本語のテキスト",
+        "emoji 🎉🎉 and more",
+    ]
     for i, text in enumerate(texts):
-        engine.add_request(f"r{i}", tokenizer.encode(text), SamplingParams(temperature=0.8, seed=i, max_tokens=20))
+        engine.add_request(
+            f"r{i}", tokenizer.encode(text), SamplingParams(temperature=0.8, seed=i, max_tokens=20)
+        )
     chunks: dict[str, list] = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -327,7 +385,7 @@ def test_streamed_text_equals_decode(tiny_model_path, tokenizer):
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
         assert outs[-1].finished and outs[-1].num_output_tokens == len(ids)
         if decoded.endswith("\ufffd"):  # ends inside a character: that part is never handed out
-            assert decoded.startswith(streamed) and not decoded[len(streamed):].strip("\ufffd")
+            assert decoded.startswith(streamed) and not decoded[len(streamed) :].strip("\ufffd")
             continue
         assert streamed == decoded, rid
         compared += 1

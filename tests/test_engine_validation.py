@@ -1,4 +1,5 @@
 """Bad requests are refused with a ValueError that says what is wrong, and leave the engine usable."""
+
 from __future__ import annotations
 
 import pytest
@@ -95,9 +96,13 @@ def test_error_messages_name_the_limit(llm):
 
 
 def test_longest_allowed_prompt_runs(llm, reference):
-    [out] = llm.generate([list(range(100, 100 + MAX_MODEL_LEN - 1))],
-                         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-    assert len(out.token_ids) == 1 and out.finish_reason == "length"  # the context is full after one token
+    [out] = llm.generate(
+        [list(range(100, 100 + MAX_MODEL_LEN - 1))],
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+    )
+    assert (
+        len(out.token_ids) == 1 and out.finish_reason == "length"
+    )  # the context is full after one token
     assert_usable(llm, reference)
 
 

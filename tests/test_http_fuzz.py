@@ -2,6 +2,7 @@
 from each endpoint's request schema, some string fields swapped for hostile text (lone surrogates,
 control characters, very long tokens). No answer may be a 5xx; every 4xx carries a JSON error body;
 the server is healthy afterwards. Bounded (a few hundred cases) and derandomized, so CI is stable."""
+
 from __future__ import annotations
 
 import collections
@@ -12,25 +13,56 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from edgeacc_ray.config import ServeConfig
 from serve_helpers import local_app
 
-HOSTILE = ["\ud800", "a\udfffb", "\x00\x01\x02", "\x1b[2J", "\u2028\u2029", "\ufeff", "😀" * 50,
-           "z" * 5000, "tiny", "", " ", "\\", '"', "{}", "<|im_end|>", "<|im_start|>system\n"]
+from edgeacc_ray.config import ServeConfig
+
+HOSTILE = [
+    "\ud800",
+    "a\udfffb",
+    "\x00\x01\x02",
+    "\x1b[2J",
+    "\u2028\u2029",
+    "\ufeff",
+    "😀" * 50,
+    "z" * 5000,
+    "tiny",
+    "",
+    " ",
+    "\\",
+    '"',
+    "{}",
+    "<|im_end|>",
+    "<|im_start|>system\n",
+]
 STATUSES: collections.Counter = collections.Counter()  # (path, status) over the whole run
-ENDPOINTS = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest",
-             "/generate": "GenerateRequest"}
-VALID = {"/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-         "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
-         "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 4}}}
+ENDPOINTS = {
+    "/v1/chat/completions": "ChatCompletionRequest",
+    "/v1/completions": "CompletionRequest",
+    "/generate": "GenerateRequest",
+}
+VALID = {
+    "/v1/chat/completions": {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    },
+    "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 4},
+    "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 4}},
+}
 
 
 @pytest.fixture(scope="module")
 def http():
     # a short context and small limits keep every generated request cheap
-    cfg = ServeConfig(model="tiny", served_model_name="tiny", kv_cache_memory_gb=0.05, max_model_len=64,
-                      max_request_choices=8, max_n=4)
+    cfg = ServeConfig(
+        model="tiny",
+        served_model_name="tiny",
+        kv_cache_memory_gb=0.05,
+        max_model_len=64,
+        max_request_choices=8,
+        max_n=4,
+    )
     with local_app(cfg, raise_server_exceptions=False) as c:
         yield c
 
@@ -40,7 +72,9 @@ def from_openapi(schema: dict, components: dict, depth: int = 0) -> st.SearchStr
     optional property sometimes left out, sometimes an unknown one added), arrays and scalars; numbers
     reach past every bound a server might assume."""
     if "$ref" in schema:
-        return st.deferred(lambda: from_openapi(components[schema["$ref"].rsplit("/", 1)[-1]], components, depth))
+        return st.deferred(
+            lambda: from_openapi(components[schema["$ref"].rsplit("/", 1)[-1]], components, depth)
+        )
     if "anyOf" in schema:
         return st.one_of([from_openapi(s, components, depth) for s in schema["anyOf"]])
     if "const" in schema:
@@ -51,12 +85,18 @@ def from_openapi(schema: dict, components: dict, depth: int = 0) -> st.SearchStr
     if kind == "object" or "properties" in schema:
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
-        fields = {k: from_openapi(v, components, depth + 1) for k, v in props.items() if k in required}
-        optional = {k: from_openapi(v, components, depth + 1) for k, v in props.items() if k not in required}
+        fields = {
+            k: from_openapi(v, components, depth + 1) for k, v in props.items() if k in required
+        }
+        optional = {
+            k: from_openapi(v, components, depth + 1) for k, v in props.items() if k not in required
+        }
         extra = schema.get("additionalProperties")
         base = st.fixed_dictionaries(fields, optional=optional)
         if isinstance(extra, dict) and not props:  # a map
-            return st.dictionaries(st.text(max_size=8), from_openapi(extra, components, depth + 1), max_size=3)
+            return st.dictionaries(
+                st.text(max_size=8), from_openapi(extra, components, depth + 1), max_size=3
+            )
         return base
     if kind == "array":
         items = from_openapi(schema.get("items", {}), components, depth + 1)
@@ -64,14 +104,18 @@ def from_openapi(schema: dict, components: dict, depth: int = 0) -> st.SearchStr
     if kind == "string":
         return st.text(max_size=40)
     if kind == "integer":
-        return st.one_of(st.integers(-3, 40), st.integers(-2**70, 2**70))
+        return st.one_of(st.integers(-3, 40), st.integers(-(2**70), 2**70))
     if kind == "number":
-        return st.one_of(st.floats(-3, 3), st.floats(allow_nan=False, allow_infinity=False), st.integers(-5, 5))
+        return st.one_of(
+            st.floats(-3, 3), st.floats(allow_nan=False, allow_infinity=False), st.integers(-5, 5)
+        )
     if kind == "boolean":
         return st.booleans()
     if kind == "null":
         return st.none()
-    return st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8))  # untyped (Any)
+    return st.one_of(
+        st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8)
+    )  # untyped (Any)
 
 
 def request_schema(http: TestClient, name: str) -> st.SearchStrategy:
@@ -97,24 +141,41 @@ def check(http: TestClient, path: str, body: dict) -> None:
     assert r.status_code < 500, (path, raw[:500], r.status_code, r.text[:500])
     if r.status_code >= 400:
         err = r.json()["error"]
-        assert isinstance(err["message"], str) and err["message"] and set(err) == {"message", "type", "param", "code"}
+        assert (
+            isinstance(err["message"], str)
+            and err["message"]
+            and set(err) == {"message", "type", "param", "code"}
+        )
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
 def test_fuzz_endpoint_never_5xx(http, path):
     bodies = request_schema(http, ENDPOINTS[path])
 
-    @settings(max_examples=120, derandomize=True, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @settings(
+        max_examples=120,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
     @given(body=bodies, data=st.data())
     def run(body, data):
-        if data.draw(st.booleans()):  # a valid request with some generated fields: reach past the first check
+        if data.draw(
+            st.booleans()
+        ):  # a valid request with some generated fields: reach past the first check
             body = {**VALID[path], **{k: v for k, v in body.items() if data.draw(st.booleans())}}
         check(http, path, with_hostile_strings(data, body))
 
     run()
     assert http.get("/health").status_code == 200
-    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "still fine", "max_tokens": 2})
+    r = http.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "still fine", "max_tokens": 2}
+    )
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 

@@ -1,4 +1,5 @@
 """The KV tier on a real Ray cluster: round trips, identity, packing, budget, faults, ownership."""
+
 from __future__ import annotations
 
 import time
@@ -21,10 +22,12 @@ PAGE = IDENTITY.page_nbytes
 
 def chain_keys(num_pages: int, seed: int = 0) -> list[bytes]:
     """The engine's own prefix keys for a random prompt of num_pages full pages."""
-    tokens = torch.randint(0, 8000, (num_pages * PAGE_SIZE,), generator=torch.Generator().manual_seed(seed)).tolist()
+    tokens = torch.randint(
+        0, 8000, (num_pages * PAGE_SIZE,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
     keys, parent = [], ROOT_KEY
     for start in range(0, len(tokens), PAGE_SIZE):
-        parent = page_key(parent, tokens[start:start + PAGE_SIZE])
+        parent = page_key(parent, tokens[start : start + PAGE_SIZE])
         keys.append(parent)
     return keys
 
@@ -54,7 +57,9 @@ def store_name(ray_cluster):
 def make_client(store_name):
     clients = []
 
-    def make(identity: ModelIdentity = IDENTITY, budget_bytes: int = 4 << 20, **options) -> KVTierClient:
+    def make(
+        identity: ModelIdentity = IDENTITY, budget_bytes: int = 4 << 20, **options
+    ) -> KVTierClient:
         options.setdefault("timeout_s", 10.0)  # this box is shared: no read may give up by accident
         client = KVTierClient(identity, budget_bytes, store_name=store_name, **options)
         clients.append(client)
@@ -89,9 +94,14 @@ def test_pages_round_trip_as_the_leading_run_of_keys(make_client):
 
 def test_another_model_dtype_or_shard_never_hits(make_client):
     bf16 = ModelIdentity("tiny", torch.bfloat16, IDENTITY.page_shape)
-    writer, other_model = make_client(), make_client(ModelIdentity("other", torch.float32, IDENTITY.page_shape))
-    other_dtype, other_shard = make_client(bf16), make_client(ModelIdentity("tiny", torch.float32, IDENTITY.page_shape,
-                                                                            variant="tp1of2"))
+    writer, other_model = (
+        make_client(),
+        make_client(ModelIdentity("other", torch.float32, IDENTITY.page_shape)),
+    )
+    other_dtype, other_shard = (
+        make_client(bf16),
+        make_client(ModelIdentity("tiny", torch.float32, IDENTITY.page_shape, variant="tp1of2")),
+    )
     keys = chain_keys(4)
     writer.store_pages(ROOT, keys, random_pages(4))
     assert writer.flush(30) and writer.match(keys) == 4
@@ -107,7 +117,11 @@ def test_pages_are_packed_into_objects_of_about_object_bytes(make_client):
     client = make_client(object_bytes=8 * PAGE, linger_s=1.0)
     keys, pages = chain_keys(36), random_pages(36)
     for start in range(0, 36, 3):  # twelve small writes, as an engine commits pages
-        client.store_pages(ROOT if start == 0 else keys[start - 1], keys[start:start + 3], pages[start:start + 3])
+        client.store_pages(
+            ROOT if start == 0 else keys[start - 1],
+            keys[start : start + 3],
+            pages[start : start + 3],
+        )
     assert client.flush(30)
     store = client.stats().store
     assert (store.pages, store.objects) == (36, 4)  # 3 writes (9 pages, >= 8) per object
@@ -134,7 +148,9 @@ def test_the_budget_holds_and_chains_lose_their_ends_first(make_client):
         assert pages_held == sorted(pages_held, reverse=True)  # a held prefix, never a hole
     assert any(0 < sum(pages_held) < 6 for pages_held in held)  # some chain lost only its end
     assert client.load(chains[1]) is None
-    deadline = time.monotonic() + 10  # what Ray really holds (argument objects are freed asynchronously)
+    deadline = (
+        time.monotonic() + 10
+    )  # what Ray really holds (argument objects are freed asynchronously)
     while used_object_store_bytes() - base > budget:
         assert time.monotonic() < deadline, used_object_store_bytes() - base
         time.sleep(0.1)
@@ -159,21 +175,33 @@ def test_corrupt_or_misshapen_pages_are_misses(make_client, store_name):
     data, checksums = pack_pages([pages])
     data = data.copy()
     data[2 * PAGE + 100] ^= 0xFF  # page 2 rots after its checksum was taken
-    ray.get(store.put.remote(PutBatch(IDENTITY.namespace, PAGE, (ChainSegment(ROOT, tuple(keys)),), checksums, data)),
-            timeout=30)
+    ray.get(
+        store.put.remote(
+            PutBatch(IDENTITY.namespace, PAGE, (ChainSegment(ROOT, tuple(keys)),), checksums, data)
+        ),
+        timeout=30,
+    )
     loaded = client.load(keys)
     assert loaded is not None and torch.equal(loaded, pages[:2])
     assert client.stats().corrupt_pages == 1
 
     other = chain_keys(2, seed=3)  # pages of another size under this identity
     half, half_sums = pack_pages([torch.zeros(2, PAGE // 2, dtype=torch.uint8)])
-    ray.get(store.put.remote(PutBatch(IDENTITY.namespace, PAGE // 2, (ChainSegment(ROOT, tuple(other)),), half_sums,
-                                      half)), timeout=30)
+    ray.get(
+        store.put.remote(
+            PutBatch(
+                IDENTITY.namespace, PAGE // 2, (ChainSegment(ROOT, tuple(other)),), half_sums, half
+            )
+        ),
+        timeout=30,
+    )
     assert client.match(other) == 2
     assert client.load(other) is None
 
 
-def test_a_killed_store_costs_misses_then_comes_back_by_itself(make_client, store_name, ray_cluster):
+def test_a_killed_store_costs_misses_then_comes_back_by_itself(
+    make_client, store_name, ray_cluster
+):
     client = make_client()
     keys, pages = chain_keys(6), random_pages(6)
     client.store_pages(ROOT, keys, pages)

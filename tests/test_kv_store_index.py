@@ -1,4 +1,5 @@
 """The tier's bookkeeping without Ray: chain-end LRU eviction, byte budget, packed objects."""
+
 from __future__ import annotations
 
 import random
@@ -71,7 +72,9 @@ def test_a_packed_object_frees_its_bytes_with_its_last_page():
     put(index, ROOT, b[:1])
     put(index, b[0], b[1:2])
     index.match(NS, b[:2])
-    result = put(index, b[1], b[2:6])  # needs 2 more pages of room: a goes page by page, then its object
+    result = put(
+        index, b[1], b[2:6]
+    )  # needs 2 more pages of room: a goes page by page, then its object
     assert result.stored == 4
     assert cached(index, a) == [False] * 4
     assert index.evictions == 4

@@ -1,4 +1,5 @@
 """The loader: sharded checkpoints, dtypes, Qwen2/Llama variants, and clear refusals."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def _hf_greedy(path: Path, prompt: list[int], n: int = 8) -> list[int]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_sharded_checkpoint_loads_like_the_single_file(tiny_model_path, tmp_path):
@@ -38,9 +41,15 @@ def test_sharded_checkpoint_loads_like_the_single_file(tiny_model_path, tmp_path
     assert [o.token_ids for o in sharded] == [o.token_ids for o in single]
 
 
-@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
-                                            ("float16", torch.float16),
-                                            ("auto", torch.bfloat16 if has_native_bf16() else torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("auto", torch.bfloat16 if has_native_bf16() else torch.float32),
+    ],
+)
 def test_dtypes(tiny_model_path, dtype, expected):
     model, _ = load_model(tiny_model_path, dtype)
     assert model.model.embed_tokens.weight.dtype == expected
@@ -58,16 +67,20 @@ def test_auto_runs_float32_on_a_cpu_without_native_bf16(stored):
     config = SimpleNamespace(torch_dtype=stored)
     assert resolve_dtype("auto", config, "cpu", native_bf16=False) == torch.float32
     assert resolve_dtype("auto", config, "cpu", native_bf16=True) == (
-        torch.float16 if stored == "float16" else torch.bfloat16)
+        torch.float16 if stored == "float16" else torch.bfloat16
+    )
     assert resolve_dtype("auto", config, "cuda", native_bf16=False) == (
-        torch.float16 if stored == "float16" else torch.bfloat16)
+        torch.float16 if stored == "float16" else torch.bfloat16
+    )
     assert resolve_dtype("bfloat16", config, "cpu", native_bf16=False) == torch.bfloat16
 
 
 def test_cpu_features_read_the_flags_that_decide_bf16():
     from edgeacc_ray.models.cpu_features import can_pack_bf16
 
-    assert has_native_bf16(frozenset({"avx2", "amx_bf16"})) and not has_native_bf16(frozenset({"avx2", "fma"}))
+    assert has_native_bf16(frozenset({"avx2", "amx_bf16"})) and not has_native_bf16(
+        frozenset({"avx2", "fma"})
+    )
     if platform.machine() == "x86_64":
         assert can_pack_bf16(frozenset({"avx512bw", "avx512vl", "avx512dq"}))
         assert not can_pack_bf16(frozenset({"avx2", "fma"}))
@@ -79,9 +92,18 @@ def test_qwen2_and_llama_match_hf(tmp_path, arch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[arch]
-    config = AutoConfig.for_model(model_type, vocab_size=512, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256, architectures=[arch], initializer_range=0.2)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        architectures=[arch],
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     from edgeacc_ray.models.config import ModelArgs
@@ -97,16 +119,18 @@ def test_qwen2_and_llama_match_hf(tmp_path, arch):
 def _greedy_with_model(model, args, prompt: list[int], n: int = 8) -> list[int]:
     """Greedy decode through the native model and runner (no tokenizer needed)."""
     from edgeacc_ray.engine.kv import BlockManager
-    from edgeacc_ray.engine.runner import ModelRunner
-    from edgeacc_ray.engine.scheduling import AdmissionPolicy
-    from edgeacc_ray.engine.scheduling import RunningBound
-    from edgeacc_ray.engine.scheduling import Scheduler
     from edgeacc_ray.engine.request import Sequence
+    from edgeacc_ray.engine.runner import ModelRunner
+    from edgeacc_ray.engine.scheduling import AdmissionPolicy, RunningBound, Scheduler
 
     runner = ModelRunner(model, args, num_pages=64, page_size=16, workspace_bytes=1 << 24)
     blocks = BlockManager(64, 16)
-    scheduler = Scheduler(blocks, AdmissionPolicy(16, 64 * 16, RunningBound(8, tpot_slo_ms=None)), 256)
-    seq = Sequence("r", list(prompt), SamplingParams(max_tokens=n, temperature=0.0), arrival_time=0.0)
+    scheduler = Scheduler(
+        blocks, AdmissionPolicy(16, 64 * 16, RunningBound(8, tpot_slo_ms=None)), 256
+    )
+    seq = Sequence(
+        "r", list(prompt), SamplingParams(max_tokens=n, temperature=0.0), arrival_time=0.0
+    )
     scheduler.add(seq)
     while seq.num_output_tokens < n:
         batch = scheduler.schedule()

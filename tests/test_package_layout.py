@@ -1,6 +1,7 @@
 """The package layout: imports between sub-packages form no cycle, so each package can be read (and
 tested) knowing only the packages below it. Read statically from the source; imports under
 `if TYPE_CHECKING:` are annotations only and do not count."""
+
 from __future__ import annotations
 
 import ast
@@ -105,7 +106,9 @@ def test_the_library_does_not_import_the_deployments():
     graph = package_graph()
     library = [package for package in graph if package.startswith(("edgeacc_ray", "kv_store"))]
     for package in library:
-        assert not {p for p in graph[package] if p.startswith(("deployments", "benchmarks"))}, package
+        assert not {p for p in graph[package] if p.startswith(("deployments", "benchmarks"))}, (
+            package
+        )
 
 
 def test_the_router_hashes_prompts_without_torch():

@@ -1,13 +1,16 @@
 """The running bound follows TPOT against its target: down when a window's p90 misses it, up while
 there is headroom and the bound held requests back, never outside [1, max_num_seqs]. Driven with
 synthetic measurements (it is a unit)."""
+
 from __future__ import annotations
 
 from edgeacc_ray.engine.scheduling.running_bound import MIN_SAMPLES, RunningBound
 from edgeacc_ray.engine.split.split_controller import STALE_WINDOWS
 
 
-def window(bound: RunningBound, start: float, tpot_ms: float, batch: int, held_back: bool = False) -> float:
+def window(
+    bound: RunningBound, start: float, tpot_ms: float, batch: int, held_back: bool = False
+) -> float:
     """One window of decode steps at `tpot_ms` with `batch` running, after `start` (where the last
     one closed); returns where this one closes."""
     if held_back:
@@ -63,7 +66,9 @@ def test_a_window_that_stays_short_of_samples_is_dropped():
     bound = RunningBound(max_num_seqs=16, tpot_slo_ms=10.0)
     for i in range(MIN_SAMPLES - 2):
         bound.observe(i * 0.1, 1.0, 16)
-    bound.observe(STALE_WINDOWS * bound.window_s, 1.0, 16)  # one short and stale: dropped, not acted on
+    bound.observe(
+        STALE_WINDOWS * bound.window_s, 1.0, 16
+    )  # one short and stale: dropped, not acted on
     assert bound.value == 16
     for i in range(1, MIN_SAMPLES + 1):
         bound.observe(STALE_WINDOWS * bound.window_s + i * 0.2, 1.0, 16)

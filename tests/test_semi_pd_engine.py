@@ -2,6 +2,7 @@
 decode side's segment (weights + KV pool). Greedy and seeded output equal the colocated engine's
 token for token in fp32 (chunked prefill, prefix hits, repeated prompts, preemption); the memory is
 really shared and the handoff carries no KV; aborts and a killed prefill process return every page."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,11 @@ import re
 import signal
 
 import pytest
+
 from edgeacc_ray.config import SemiPDConfig
+from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.runner import kv_page_bytes
 from edgeacc_ray.engine.semi_pd import PrefillBatch, PrefillFailed, PrefillTask
-from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from tests.test_engine_correctness import OPTIMISTIC, TEXT, assert_pool_idle
 
@@ -48,29 +50,39 @@ def test_greedy_equals_colocated_with_chunks_and_prefix_hits(colocated, semi_pd)
     for e, a, b in zip(expected, first, again):
         assert a.token_ids == e.token_ids and b.token_ids == e.token_ids
     assert sum(o.num_cached_tokens for o in again) >= 300  # the long prompt hit, and more
-    assert semi_pd.engine.dispatcher.batches_total >= 3  # 300-token prompt > batch budget: several batches
+    assert (
+        semi_pd.engine.dispatcher.batches_total >= 3
+    )  # 300-token prompt > batch budget: several batches
     assert_pool_idle(semi_pd)
 
 
 def test_seeded_sampling_and_logprobs_cross_the_handoff(colocated, semi_pd):
     batch = prompts(colocated.tokenizer)[:4]
-    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=11 + i, max_tokens=10, ignore_eos=True, logprobs=2)
-              for i in range(len(batch))]
+    params = [
+        SamplingParams(
+            temperature=0.9, top_p=0.95, seed=11 + i, max_tokens=10, ignore_eos=True, logprobs=2
+        )
+        for i in range(len(batch))
+    ]
     expected = colocated.generate(batch, params)
     got = semi_pd.generate(batch, params)
     for e, g in zip(expected, got):
         assert g.token_ids == e.token_ids
         assert [lp.token_id for lp in g.logprobs] == g.token_ids
-        assert [round(lp.logprob, 4) for lp in g.logprobs] == [round(lp.logprob, 4) for lp in e.logprobs]
+        assert [round(lp.logprob, 4) for lp in g.logprobs] == [
+            round(lp.logprob, 4) for lp in e.logprobs
+        ]
 
 
 def test_preempted_sequences_go_back_to_prefill_and_match():
     with LLM("tiny", num_pages=12, page_size=8, **ENGINE) as small_colocated:
         tokenizer = small_colocated.tokenizer
-        batch = [tokenizer.encode(TEXT)[i * 7:i * 7 + 20] for i in range(6)]
+        batch = [tokenizer.encode(TEXT)[i * 7 : i * 7 + 20] for i in range(6)]
         params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
         expected = small_colocated.generate(batch, params)
-    with LLM("tiny", num_pages=12, page_size=8, semi_pd=SemiPDConfig(), **ENGINE, **OPTIMISTIC) as llm:
+    with LLM(
+        "tiny", num_pages=12, page_size=8, semi_pd=SemiPDConfig(), **ENGINE, **OPTIMISTIC
+    ) as llm:
         got = llm.generate(batch, params)
         assert llm.engine.scheduler.num_preemptions > 0
         assert_pool_idle(llm)
@@ -172,5 +184,8 @@ def test_the_split_moves_with_the_load_and_is_published(semi_pd):
     stats = engine.stats()
     assert stats.pd_mode == "semi_pd" and stats.split.moves_total > moves
     _, published = engine._control.read()
-    assert (list(published.prefill), list(published.decode)) == (stats.split.prefill_cores, stats.split.decode_cores)
+    assert (list(published.prefill), list(published.decode)) == (
+        stats.split.prefill_cores,
+        stats.split.decode_cores,
+    )
     assert set(published.prefill) | set(published.decode) <= set(engine.split.cores)

@@ -2,6 +2,7 @@
 503 + Retry-After (health included) until it is back; a killed Ingress's requests are aborted by the
 engine; a client that leaves aborts all of its request's engine work; counters survive an Ingress
 restart."""
+
 from __future__ import annotations
 
 import os
@@ -11,11 +12,15 @@ import time
 
 import httpx
 import pytest
-
 from serve_helpers import record_stream, replica_pid, serve_app, wait_serving
 
 APP = "edgeacc_faults"
-ARGS = {"model": "tiny", "served_model_name": "tiny", "kv_cache_memory_gb": 0.25, "stream_interval": 4}
+ARGS = {
+    "model": "tiny",
+    "served_model_name": "tiny",
+    "kv_cache_memory_gb": 0.25,
+    "stream_interval": 4,
+}
 LONG = {"max_tokens": 1900, "ignore_eos": True}
 
 
@@ -31,14 +36,28 @@ def engine_stats():
     """The engine's own counters, through its handle (not through the Ingress, which may be down)."""
     from ray import serve
 
-    return serve.get_deployment_handle("EngineServer", app_name=APP).stats.remote().result(timeout_s=30)
+    return (
+        serve.get_deployment_handle("EngineServer", app_name=APP)
+        .stats.remote()
+        .result(timeout_s=30)
+    )
 
 
 def start_streams(base: str, count: int) -> tuple[list[threading.Thread], dict]:
     results: dict = {}
-    threads = [threading.Thread(target=record_stream, args=(
-        base, "/v1/completions", {"model": "tiny", "prompt": f"story {i}", **LONG}, results, str(i)))
-               for i in range(count)]
+    threads = [
+        threading.Thread(
+            target=record_stream,
+            args=(
+                base,
+                "/v1/completions",
+                {"model": "tiny", "prompt": f"story {i}", **LONG},
+                results,
+                str(i),
+            ),
+        )
+        for i in range(count)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
@@ -62,7 +81,9 @@ def test_client_leaving_aborts_all_of_its_requests_engine_work(url):
         httpx.post(url + "/v1/completions", json=body, timeout=2.0)  # the client gives up
     deadline = time.monotonic() + 10
     while (s := engine_stats()).num_running or s.num_waiting:
-        assert time.monotonic() < deadline, f"work continued after the client left: {s.num_running} running"
+        assert time.monotonic() < deadline, (
+            f"work continued after the client left: {s.num_running} running"
+        )
         time.sleep(0.1)
     assert s.requests_aborted_total - before.requests_aborted_total == 32
     assert s.num_free_pages + s.num_cached_pages >= s.num_total_pages
@@ -83,7 +104,9 @@ def test_killed_ingress_work_is_aborted_and_counters_do_not_reset(url):
         t.join(60)
     assert all(error is not None for _, error in results.values())  # cut off, none completed
     wait_serving(url, 120)
-    assert counter(url, "sglang:num_requests_total") >= requests_before + 4  # not reset by the restart
+    assert (
+        counter(url, "sglang:num_requests_total") >= requests_before + 4
+    )  # not reset by the restart
 
 
 def test_killed_engine_gives_503_with_retry_after_until_it_is_back(url):
@@ -93,9 +116,16 @@ def test_killed_engine_gives_503_with_retry_after_until_it_is_back(url):
     for t in threads:
         t.join(60)
     for _tokens, error in results.values():  # every stream ended with a short, clean error event
-        assert error is not None and "Actor" not in error and "pid" not in error.lower() and "ip=" not in error
+        assert (
+            error is not None
+            and "Actor" not in error
+            and "pid" not in error.lower()
+            and "ip=" not in error
+        )
     health = httpx.get(url + "/health", timeout=10)
-    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=10)
+    r = httpx.post(
+        url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=10
+    )
     if r.status_code != 200:  # unless the engine is already back: refused at once, not queued
         assert health.status_code == 503 and r.status_code == 503 and "retry-after" in r.headers
         assert r.json()["error"]["code"] in ("engine_unavailable", "not_ready")

@@ -1,5 +1,6 @@
 """API key, body-size limit and not-ready answers, on a second application whose engine cannot be
 placed (it asks for a Ray resource no node has), so its Ingress stays up with the engine pending."""
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,15 @@ def pending_url(serve_http_url):
 
     from deployments.app import build_app
 
-    app = build_app({"model": "tiny", "served_model_name": "tiny", "api_key": KEY, "max_request_body_bytes": 4096,
-                     "engine_resources": {"edgeacc_test_unavailable": 1}})
+    app = build_app(
+        {
+            "model": "tiny",
+            "served_model_name": "tiny",
+            "api_key": KEY,
+            "max_request_body_bytes": 4096,
+            "engine_resources": {"edgeacc_test_unavailable": 1},
+        }
+    )
     serve._run(app, name="edgeacc_pending", route_prefix="/pending", _blocking=False)
     url = serve_http_url + "/pending"
     deadline = time.monotonic() + 60
@@ -47,8 +55,15 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 def test_missing_and_wrong_api_key_are_401(pending_url):
     err = _err(httpx.post(pending_url + "/v1/chat/completions", json=BODY, timeout=10), 401)
     assert err["code"] == "invalid_api_key"
-    _err(httpx.post(pending_url + "/v1/chat/completions", json=BODY, timeout=10,
-                    headers={"Authorization": "Bearer wrong"}), 401)
+    _err(
+        httpx.post(
+            pending_url + "/v1/chat/completions",
+            json=BODY,
+            timeout=10,
+            headers={"Authorization": "Bearer wrong"},
+        ),
+        401,
+    )
     _err(httpx.post(pending_url + "/generate", json={"text": "x"}, timeout=10), 401)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=pending_url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -60,7 +75,9 @@ def test_not_ready_is_503_with_retry_after(pending_url):
     err = _err(r, 503)
     assert "not ready" in err["message"] and "retry-after" in r.headers
     _err(httpx.post(pending_url + "/generate", json={"text": "x"}, headers=auth, timeout=10), 503)
-    assert httpx.get(pending_url + "/health", timeout=10).status_code == 503  # no key needed for /health
+    assert (
+        httpx.get(pending_url + "/health", timeout=10).status_code == 503
+    )  # no key needed for /health
     metrics = httpx.get(pending_url + "/metrics", timeout=10)  # nor for /metrics
     assert metrics.status_code == 200 and "sglang:time_to_first_token_seconds" in metrics.text
 
@@ -68,7 +85,9 @@ def test_not_ready_is_503_with_retry_after(pending_url):
 def test_request_body_limit_is_413(pending_url):
     auth = {"Authorization": f"Bearer {KEY}"}
     big = {**BODY, "messages": [{"role": "user", "content": "x" * 10_000}]}
-    err = _err(httpx.post(pending_url + "/v1/chat/completions", json=big, headers=auth, timeout=10), 413)
+    err = _err(
+        httpx.post(pending_url + "/v1/chat/completions", json=big, headers=auth, timeout=10), 413
+    )
     assert "4096" in err["message"]
 
     def chunks():  # no Content-Length: the limit applies while reading
@@ -77,5 +96,12 @@ def test_request_body_limit_is_413(pending_url):
             yield b"y" * 1000
         yield b'"}'
 
-    _err(httpx.post(pending_url + "/v1/completions", content=chunks(), timeout=10,
-                    headers={**auth, "Content-Type": "application/json"}), 413)
+    _err(
+        httpx.post(
+            pending_url + "/v1/completions",
+            content=chunks(),
+            timeout=10,
+            headers={**auth, "Content-Type": "application/json"},
+        ),
+        413,
+    )

@@ -1,5 +1,6 @@
 """The Serve application over real HTTP on a real Ray cluster: OpenAI client, SGLang /generate, errors,
 concurrency, client disconnects and parity with the offline engine."""
+
 from __future__ import annotations
 
 import asyncio
@@ -44,12 +45,13 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
 
 # ---- OpenAI API ---------------------------------------------------------------------------------
+
 
 def test_models(client):
     models = client.models.list()
@@ -58,8 +60,12 @@ def test_models(client):
 
 
 def test_chat_non_streaming_with_usage(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
-                                       max_tokens=12, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=12,
+        temperature=0,
+    )
     assert r.object == "chat.completion" and r.model == MODEL
     choice = r.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -71,15 +77,24 @@ def test_chat_non_streaming_with_usage(client):
 
 def test_chat_streaming_matches_non_streaming(client):
     question = "Count to five, then explain in a few words why counting is useful for programmers and for cooks."
-    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": question}], max_completion_tokens=20,
-                  temperature=0, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_completion_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.chat.completions.create(**kwargs)
-    stream = client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finals == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
@@ -88,7 +103,12 @@ def test_chat_streaming_matches_non_streaming(client):
 
 
 def test_chat_stream_ends_with_done(url):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "stream": True,
+    }
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -97,62 +117,126 @@ def test_chat_stream_ends_with_done(url):
 
 
 def test_completions_non_streaming_and_streaming(client):
-    r = client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=16, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="def fibonacci(n):",
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 16
-    chunks = list(client.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=16, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="def fibonacci(n):",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
     assert chunks[-1].usage.completion_tokens == 16
 
 
 def test_completions_batch_n_and_echo(client):
-    r = client.completions.create(model=MODEL, prompt=["import os", "class Foo:"], n=2, max_tokens=4,
-                                  temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt=["import os", "class Foo:"],
+        n=2,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text  # greedy
+    assert (
+        r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+    )  # greedy
     assert r.usage.completion_tokens == 16
-    e = client.completions.create(model=MODEL, prompt="import os", max_tokens=3, temperature=0, echo=True)
+    e = client.completions.create(
+        model=MODEL, prompt="import os", max_tokens=3, temperature=0, echo=True
+    )
     assert e.choices[0].text.startswith("import os")
 
 
 def test_token_id_prompt_and_stop(client):
-    base = client.completions.create(model=MODEL, prompt="for i in range(", max_tokens=24, temperature=0,
-                                     extra_body={"ignore_eos": True})
+    base = client.completions.create(
+        model=MODEL,
+        prompt="for i in range(",
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     text = base.choices[0].text
     stop = text[5:8] if len(text) >= 8 else None
     if not stop or not stop.strip():
         pytest.skip("greedy text too short to pick a stop string")
-    r = client.completions.create(model=MODEL, prompt="for i in range(", max_tokens=24, temperature=0,
-                                  stop=[stop], extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="for i in range(",
+        max_tokens=24,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "stop" and stop not in r.choices[0].text
     assert text.startswith(r.choices[0].text)
 
 
 def test_sampling_seed_top_p_penalties(client):
-    kw = dict(model=MODEL, prompt="The quick brown", max_tokens=16, temperature=1.0, top_p=0.9, seed=1234,
-              presence_penalty=0.5, frequency_penalty=0.5, extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        prompt="The quick brown",
+        max_tokens=16,
+        temperature=1.0,
+        top_p=0.9,
+        seed=1234,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        extra_body={"ignore_eos": True},
+    )
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text  # same seed, same text
-    n2 = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2, seed=7,
-                                        max_tokens=8, temperature=1.0)
+    n2 = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        n=2,
+        seed=7,
+        max_tokens=8,
+        temperature=1.0,
+    )
     assert len(n2.choices) == 2 and n2.usage.completion_tokens <= 16
 
 
 def test_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-                                       temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 6
     for entry in content:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
-        assert entry.token == entry.top_logprobs[0].token  # greedy: the chosen token is the best one
-    c = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, temperature=0, logprobs=2,
-                                  extra_body={"ignore_eos": True})
+        assert (
+            entry.token == entry.top_logprobs[0].token
+        )  # greedy: the chosen token is the best one
+    c = client.completions.create(
+        model=MODEL,
+        prompt="hello",
+        max_tokens=5,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert "".join(lp.tokens) == c.choices[0].text
@@ -160,13 +244,19 @@ def test_logprobs(client):
 
 # ---- SGLang-native API ---------------------------------------------------------------------------
 
-SEED_CURL_BODY = '{"text": "Once upon a time,", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}'
+SEED_CURL_BODY = (
+    '{"text": "Once upon a time,", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}'
+)
 
 
 def test_generate_seed_curl_body(url):
     # curl -s http://localhost:8000/generate -H "Content-Type: application/json" -d '<SEED_CURL_BODY>'
-    r = httpx.post(url + "/generate", content=SEED_CURL_BODY, headers={"Content-Type": "application/json"},
-                   timeout=30)
+    r = httpx.post(
+        url + "/generate",
+        content=SEED_CURL_BODY,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     out = r.json()
     meta = out["meta_info"]
@@ -181,8 +271,11 @@ def test_generate_seed_curl_body(url):
 
 
 def test_generate_streaming_is_cumulative(url):
-    body = {"text": "Once upon a time,", "sampling_params": {"max_new_tokens": 16, "temperature": 0,
-                                                             "ignore_eos": True}, "stream": True}
+    body = {
+        "text": "Once upon a time,",
+        "sampling_params": {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True},
+        "stream": True,
+    }
     with httpx.stream("POST", url + "/generate", json=body, timeout=30) as r:
         assert r.status_code == 200
         events = sse_events(r)
@@ -198,11 +291,24 @@ def test_generate_streaming_is_cumulative(url):
 
 
 def test_generate_input_ids_batch_logprobs_and_params(url):
-    body = {"input_ids": [[10, 20, 30], [40, 50]],
-            "sampling_params": {"max_new_tokens": 4, "temperature": 0.7, "top_k": 20, "min_p": 0.05, "top_p": 0.9,
-                                "ignore_eos": True, "stop_token_ids": [1], "repetition_penalty": 1.1,
-                                "frequency_penalty": 0.1, "presence_penalty": 0.1},
-            "return_logprob": True, "top_logprobs_num": 2, "return_text_in_logprobs": True}
+    body = {
+        "input_ids": [[10, 20, 30], [40, 50]],
+        "sampling_params": {
+            "max_new_tokens": 4,
+            "temperature": 0.7,
+            "top_k": 20,
+            "min_p": 0.05,
+            "top_p": 0.9,
+            "ignore_eos": True,
+            "stop_token_ids": [1],
+            "repetition_penalty": 1.1,
+            "frequency_penalty": 0.1,
+            "presence_penalty": 0.1,
+        },
+        "return_logprob": True,
+        "top_logprobs_num": 2,
+        "return_text_in_logprobs": True,
+    }
     r = httpx.post(url + "/generate", json=body, timeout=30)
     assert r.status_code == 200, r.text
     outs = r.json()
@@ -210,44 +316,71 @@ def test_generate_input_ids_batch_logprobs_and_params(url):
     for out, plen in zip(outs, (3, 2)):
         meta = out["meta_info"]
         assert meta["prompt_tokens"] == plen
-        assert len(meta["output_token_logprobs"]) == meta["completion_tokens"] == len(out["output_ids"])
+        assert (
+            len(meta["output_token_logprobs"])
+            == meta["completion_tokens"]
+            == len(out["output_ids"])
+        )
         lp, tid, text = meta["output_token_logprobs"][0]
         assert lp <= 0 and tid == out["output_ids"][0] and isinstance(text, str)
         assert all(len(top) == 2 for top in meta["output_top_logprobs"])
 
 
 def test_generate_rejects_unknown_sampling_param(url):
-    r = httpx.post(url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokenz": 3}}, timeout=30)
+    r = httpx.post(
+        url + "/generate", json={"text": "x", "sampling_params": {"max_new_tokenz": 3}}, timeout=30
+    )
     assert r.status_code == 400 and "max_new_tokenz" in r.json()["error"]["message"]
 
 
 # ---- server endpoints ----------------------------------------------------------------------------
 
+
 def test_health_info_flush_and_metrics(url):
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     assert httpx.get(url + "/health_generate", timeout=30).status_code == 200
     info = httpx.get(url + "/get_model_info", timeout=10).json()
-    assert info["is_generation"] is True and info["served_model_name"] == MODEL and info["model_path"]
+    assert (
+        info["is_generation"] is True and info["served_model_name"] == MODEL and info["model_path"]
+    )
     server = httpx.get(url + "/get_server_info", timeout=10).json()
     assert server["served_model_name"] == MODEL and server["host"] == "127.0.0.1"
     assert server["internal_states"][0]["num_total_pages"] > 0
-    assert server["tpot_slo_ms"] is None and server["ttft_slo_ms"] is None  # no SLO unless the user sets one
+    assert (
+        server["tpot_slo_ms"] is None and server["ttft_slo_ms"] is None
+    )  # no SLO unless the user sets one
     assert server["internal_states"][0]["slo_targets"]["running_bound_tpot"] == {
-        "name": "running_bound_tpot", "ms": None, "source": "none", "floor_ms": None}
+        "name": "running_bound_tpot",
+        "ms": None,
+        "source": "none",
+        "floor_ms": None,
+    }
     r = httpx.post(url + "/flush_cache", timeout=10)
     assert r.status_code == 200 and "flushed" in r.text.lower()
     text = httpx.get(url + "/metrics", timeout=10).text
-    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:cache_hit_rate",
-                 "sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:cached_tokens_total",
-                 "sglang:time_to_first_token_seconds_bucket", "sglang:inter_token_latency_seconds_bucket",
-                 "sglang:time_per_output_token_seconds_bucket", "sglang:e2e_request_latency_seconds_count"):
-        assert f'{name}{{' in text, name
+    for name in (
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:token_usage",
+        "sglang:cache_hit_rate",
+        "sglang:prompt_tokens_total",
+        "sglang:generation_tokens_total",
+        "sglang:cached_tokens_total",
+        "sglang:time_to_first_token_seconds_bucket",
+        "sglang:inter_token_latency_seconds_bucket",
+        "sglang:time_per_output_token_seconds_bucket",
+        "sglang:e2e_request_latency_seconds_count",
+    ):
+        assert f"{name}{{" in text, name
     assert 'sglang:num_running_reqs{model_name="tiny"}' in text
-    ttft_count = [ln for ln in text.splitlines() if ln.startswith("sglang:time_to_first_token_seconds_count")]
+    ttft_count = [
+        ln for ln in text.splitlines() if ln.startswith("sglang:time_to_first_token_seconds_count")
+    ]
     assert float(ttft_count[0].split()[-1]) > 0
 
 
 # ---- errors ----------------------------------------------------------------------------------------
+
 
 def _err(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
@@ -256,17 +389,20 @@ def _err(r: httpx.Response, status: int) -> dict:
     return err
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"temperature": -1}, "temperature"),
-    ({"top_p": 2}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"presence_penalty": 5}, "presence_penalty"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 100}, "top_logprobs"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"presence_penalty": 5}, "presence_penalty"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 100}, "top_logprobs"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"messages": []}, "messages"),
+    ],
+)
 def test_invalid_parameters_are_400(url, body, param):
     req = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **body}
     err = _err(httpx.post(url + "/v1/chat/completions", json=req, timeout=30), 400)
@@ -274,7 +410,9 @@ def test_invalid_parameters_are_400(url, body, param):
 
 
 def test_unknown_model_is_404(client, url):
-    err = _err(httpx.post(url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}, timeout=30), 404)
+    err = _err(
+        httpx.post(url + "/v1/completions", json={"model": "gpt-9", "prompt": "x"}, timeout=30), 404
+    )
     assert "gpt-9" in err["message"] and err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
@@ -282,10 +420,21 @@ def test_unknown_model_is_404(client, url):
 
 def test_prompt_too_long_is_400_with_limits(url, client):
     long_prompt = list(range(100, 100 + 2100))
-    err = _err(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, timeout=30), 400)
+    err = _err(
+        httpx.post(
+            url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt}, timeout=30
+        ),
+        400,
+    )
     assert "2048" in err["message"] and "2100" in err["message"]
-    err = _err(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": long_prompt[:1000],
-                                                          "max_tokens": 1500}, timeout=30), 400)
+    err = _err(
+        httpx.post(
+            url + "/v1/completions",
+            json={"model": MODEL, "prompt": long_prompt[:1000], "max_tokens": 1500},
+            timeout=30,
+        ),
+        400,
+    )
     assert "2048" in err["message"] and "2500" in err["message"] and err["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=long_prompt)
@@ -294,12 +443,23 @@ def test_prompt_too_long_is_400_with_limits(url, client):
 
 
 def test_malformed_json_is_400(url):
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=30,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [',
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
     err = _err(r, 400)
     assert "JSON" in err["message"]
-    _err(httpx.post(url + "/generate", content=b"not json", timeout=30,
-                    headers={"Content-Type": "application/json"}), 400)
+    _err(
+        httpx.post(
+            url + "/generate",
+            content=b"not json",
+            timeout=30,
+            headers={"Content-Type": "application/json"},
+        ),
+        400,
+    )
 
 
 def test_unknown_route_is_404_json(url):
@@ -308,12 +468,20 @@ def test_unknown_route_is_404_json(url):
 
 # ---- load, disconnects, parity -----------------------------------------------------------------------
 
+
 def test_32_concurrent_streams_complete_with_exact_token_counts(url):
     async def one(aclient: openai.AsyncOpenAI, i: int):
         stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Request number {i}: tell a story."}],
-            max_tokens=48, temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True},
-            logprobs=True, extra_body={"ignore_eos": True})
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Request number {i}: tell a story."}],
+            max_tokens=48,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            logprobs=True,
+            extra_body={"ignore_eos": True},
+        )
         tokens, finish, usage, text, sizes = 0, None, None, "", []
         async for chunk in stream:
             if chunk.usage is not None:
@@ -327,7 +495,9 @@ def test_32_concurrent_streams_complete_with_exact_token_counts(url):
         return tokens, finish, usage, text, sizes
 
     async def main():
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as aclient:
+        async with openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="x", max_retries=0, timeout=120
+        ) as aclient:
             return await asyncio.gather(*(one(aclient, i) for i in range(32)))
 
     results = asyncio.run(main())
@@ -342,7 +512,13 @@ def test_32_concurrent_streams_complete_with_exact_token_counts(url):
 
 def test_disconnect_mid_stream_aborts_and_frees_pages(url):
     before = engine_state(url)
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 1900,
+        "stream": True,
+        "ignore_eos": True,
+    }
     during = None
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", url + "/v1/completions", json=body) as r:
@@ -364,9 +540,20 @@ def test_greedy_http_output_equals_offline_engine(url):
     from edgeacc_ray.engine.request import SamplingParams
     from edgeacc_ray.llm import LLM
 
-    prompts = ["Once upon a time,", "import numpy as np\n", "The capital of France is", "def main():"]
-    http = [httpx.post(url + "/generate", json={"text": p, "sampling_params": {"max_new_tokens": 24, "temperature": 0}},
-                       timeout=60).json() for p in prompts]
+    prompts = [
+        "Once upon a time,",
+        "import numpy as np\n",
+        "The capital of France is",
+        "def main():",
+    ]
+    http = [
+        httpx.post(
+            url + "/generate",
+            json={"text": p, "sampling_params": {"max_new_tokens": 24, "temperature": 0}},
+            timeout=60,
+        ).json()
+        for p in prompts
+    ]
     llm = LLM("tiny", kv_cache_memory_gb=0.05)
     offline = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
     for h, o in zip(http, offline):
@@ -375,15 +562,37 @@ def test_greedy_http_output_equals_offline_engine(url):
 
 
 def test_streaming_fan_out_n_and_batches(client):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}], n=3,
-                                                 max_tokens=10, temperature=0.9, seed=3, stream=True,
-                                                 extra_body={"ignore_eos": True}))
-    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "go"}],
+            n=3,
+            max_tokens=10,
+            temperature=0.9,
+            seed=3,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    finished = sorted(
+        c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason
+    )
     assert finished == [0, 1, 2]
-    chunks = list(client.completions.create(model=MODEL, prompt=["a", "b"], n=2, max_tokens=5, temperature=0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
-    finished = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=["a", "b"],
+            n=2,
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    finished = sorted(
+        c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason
+    )
     assert finished == [0, 1, 2, 3] and chunks[-1].usage.completion_tokens == 20
 
 
@@ -392,7 +601,7 @@ def test_engine_client_modes_agree_and_abort(url, mode):
     """The Ingress's client of the engine side, used directly through a DeploymentHandle."""
     from ray import serve
 
-    from deployments.engine_client import ServeEngineClient, InvalidRequest
+    from deployments.engine_client import InvalidRequest, ServeEngineClient
     from edgeacc_ray.engine.request import SamplingParams
 
     handle = serve.get_deployment_handle("EngineServer", app_name="edgeacc")
@@ -401,21 +610,30 @@ def test_engine_client_modes_agree_and_abort(url, mode):
     async def main():
         client = ServeEngineClient(handle, mode)
         tokens = []
-        async for chunk in client.generate(f"direct-{mode}", ids, SamplingParams(max_tokens=12, temperature=0,
-                                                                                  ignore_eos=True)):
+        async for chunk in client.generate(
+            f"direct-{mode}", ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        ):
             tokens += chunk.token_ids
         with pytest.raises(InvalidRequest, match="top_p"):
             async for _ in client.generate(f"bad-{mode}", ids, SamplingParams(top_p=7.0)):
                 pass
-        stream = client.generate(f"abort-{mode}", ids, SamplingParams(max_tokens=1500, ignore_eos=True))
+        stream = client.generate(
+            f"abort-{mode}", ids, SamplingParams(max_tokens=1500, ignore_eos=True)
+        )
         await stream.__anext__()
         await stream.aclose()  # leave early: the engine aborts the request
         return tokens
 
     before = engine_state(url)["requests_aborted_total"]
     tokens = asyncio.run(main())
-    offline = httpx.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
-        "max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}, timeout=30).json()["output_ids"]
+    offline = httpx.post(
+        url + "/generate",
+        json={
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True},
+        },
+        timeout=30,
+    ).json()["output_ids"]
     assert tokens == offline
     after = wait_idle(url)
     assert after["requests_aborted_total"] == before + 1

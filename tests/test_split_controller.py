@@ -1,6 +1,7 @@
 """The Semi-PD split policy and its shared control block: cores follow the load at once, the SLO
 targets move the base share one core per window with a floor of one core per phase, and each
 process applies only its own role's share."""
+
 from __future__ import annotations
 
 import os
@@ -12,16 +13,22 @@ from edgeacc_ray.engine.split.split_controller import MIN_SAMPLES, STALE_WINDOWS
 
 
 def controller(cores=(0, 1, 2, 3), **kw) -> SplitController:
-    return SplitController(tuple(cores), ttft_slo_ms=1000, tpot_slo_ms=50, window_s=1.0, idle_grace_s=0.05, **kw)
+    return SplitController(
+        tuple(cores), ttft_slo_ms=1000, tpot_slo_ms=50, window_s=1.0, idle_grace_s=0.05, **kw
+    )
 
 
 def test_idle_phase_lends_its_cores_after_the_grace_and_takes_them_back_at_once():
     c = controller()
     assert c.decide(0.0, True, True) == CoreSplit((0, 1), (2, 3))
     assert c.decide(0.03, False, True) == CoreSplit((0, 1), (2, 3))  # within the grace: no move
-    assert c.decide(0.1, False, True) == CoreSplit((), (0, 1, 2, 3))  # no prompt waits: decode takes all
+    assert c.decide(0.1, False, True) == CoreSplit(
+        (), (0, 1, 2, 3)
+    )  # no prompt waits: decode takes all
     assert c.decide(0.11, True, True) == CoreSplit((0, 1), (2, 3))  # a prompt arrives: back at once
-    assert c.decide(0.3, True, False) == CoreSplit((0, 1, 2, 3), ())  # nothing decodes: prefill takes all
+    assert c.decide(0.3, True, False) == CoreSplit(
+        (0, 1, 2, 3), ()
+    )  # nothing decodes: prefill takes all
     assert c.moves_total == 3
 
 
@@ -74,7 +81,9 @@ def test_a_window_stays_open_until_both_kinds_of_sample_are_enough_then_moves():
     c.observe_tpot(0.01)
     c.decide(4.0, True, True)
     assert c.base == 3 and c.last_ttft_p90_ms == 2000.0
-    c.observe_ttft(2.0)  # then a window that never fills is dropped after STALE_WINDOWS window lengths
+    c.observe_ttft(
+        2.0
+    )  # then a window that never fills is dropped after STALE_WINDOWS window lengths
     c.decide(4.0 + STALE_WINDOWS * c.window_s, True, True)
     for _ in range(MIN_SAMPLES - 1):
         c.observe_ttft(2.0)
@@ -156,7 +165,9 @@ def test_a_derived_target_moves_the_split_when_a_phase_falls_far_behind_its_best
     _windows(c, 1, ttft_s=0.1, tpot_s=0.02)  # the floors: 100 ms and 20 ms
     _windows(c, 2, ttft_s=0.25, tpot_s=0.02)  # 2.5x the best TTFT: within the derived 3x
     assert c.base == 2
-    _windows(c, 3, ttft_s=0.5, tpot_s=0.02)  # 5x: prefill misses its derived target, decode has headroom
+    _windows(
+        c, 3, ttft_s=0.5, tpot_s=0.02
+    )  # 5x: prefill misses its derived target, decode has headroom
     assert c.base == 3
 
 

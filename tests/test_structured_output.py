@@ -2,6 +2,7 @@
 regex or EBNF grammar, colocated and across Semi-PD's prefill->decode handoff; bad grammars are
 refused with the reason; `min_tokens` and `logit_bias` act; and the official openai client's
 structured-output parse works against the HTTP app."""
+
 from __future__ import annotations
 
 import json
@@ -12,17 +13,22 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-
-from edgeacc_ray import LLM, SamplingParams
-from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.config import SemiPDConfig
-from edgeacc_ray.engine.request import InvalidRequest
-from edgeacc_ray.engine.request import StructuredOutput
 from serve_helpers import local_app
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
-          "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "maximum": 150},
-                         "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}}}
+from edgeacc_ray import LLM, SamplingParams
+from edgeacc_ray.config import SemiPDConfig, ServeConfig
+from edgeacc_ray.engine.request import InvalidRequest, StructuredOutput
+
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "tags"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+}
 PROMPTS = [f"Describe person number {i} as JSON:" for i in range(24)]
 
 
@@ -37,7 +43,10 @@ def constrained(kind: str, spec: str = "", **kw) -> SamplingParams:
 
 
 def test_json_schema_output_always_validates(llm):
-    params = [constrained("json_schema", json.dumps(SCHEMA), temperature=1.0, seed=i) for i in range(len(PROMPTS))]
+    params = [
+        constrained("json_schema", json.dumps(SCHEMA), temperature=1.0, seed=i)
+        for i in range(len(PROMPTS))
+    ]
     outs = llm.generate(PROMPTS, params)
     for out in outs:
         assert out.finish_reason == "stop", out.text
@@ -47,7 +56,9 @@ def test_json_schema_output_always_validates(llm):
 def test_regex_ebnf_and_json_object(llm):
     [yes_no] = llm.generate(["Answer:"], constrained("regex", r"(yes|no)\.", temperature=0))
     assert re.fullmatch(r"(yes|no)\.", yes_no.text) and yes_no.finish_reason == "stop"
-    [ebnf] = llm.generate(["Pick:"], constrained("ebnf", 'root ::= "red" | "green" | "blue"', temperature=0.9, seed=3))
+    [ebnf] = llm.generate(
+        ["Pick:"], constrained("ebnf", 'root ::= "red" | "green" | "blue"', temperature=0.9, seed=3)
+    )
     assert ebnf.text in ("red", "green", "blue")
     [obj] = llm.generate(["{"], constrained("json_object", temperature=0.7, seed=1, max_tokens=200))
     if obj.finish_reason == "stop":
@@ -57,17 +68,23 @@ def test_regex_ebnf_and_json_object(llm):
 def test_constrained_rows_do_not_change_unconstrained_ones(llm):
     free = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     alone = llm.generate(PROMPTS[:3], free)
-    mixed = llm.generate(PROMPTS[:3] + PROMPTS[3:6], [free] * 3 + [constrained("regex", "[0-9]{4}", temperature=0)] * 3)
+    mixed = llm.generate(
+        PROMPTS[:3] + PROMPTS[3:6],
+        [free] * 3 + [constrained("regex", "[0-9]{4}", temperature=0)] * 3,
+    )
     assert [o.token_ids for o in mixed[:3]] == [o.token_ids for o in alone]
     assert all(re.fullmatch("[0-9]{4}", o.text) for o in mixed[3:])
 
 
-@pytest.mark.parametrize("kind, spec, words", [
-    ("json_schema", "{not json", "json_schema"),
-    ("json_schema", '{"type": "objectx"}', "objectx"),
-    ("regex", "a(", "regex"),
-    ("lark", "start: (", "lark"),
-])
+@pytest.mark.parametrize(
+    "kind, spec, words",
+    [
+        ("json_schema", "{not json", "json_schema"),
+        ("json_schema", '{"type": "objectx"}', "objectx"),
+        ("regex", "a(", "regex"),
+        ("lark", "start: (", "lark"),
+    ],
+)
 def test_bad_grammars_are_refused_with_the_reason(llm, kind, spec, words):
     with pytest.raises(InvalidRequest) as info:
         llm.generate(["x"], constrained(kind, spec))
@@ -76,9 +93,13 @@ def test_bad_grammars_are_refused_with_the_reason(llm, kind, spec, words):
 
 def test_min_tokens_and_logit_bias(llm):
     eos = min(llm.engine.eos_token_ids)
-    [forced_eos] = llm.generate(["x"], SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0}))
+    [forced_eos] = llm.generate(
+        ["x"], SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0})
+    )
     assert forced_eos.token_ids == [eos]
-    [held] = llm.generate(["x"], SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0}, min_tokens=4))
+    [held] = llm.generate(
+        ["x"], SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0}, min_tokens=4)
+    )
     assert len(held.token_ids) == 5 and eos not in held.token_ids[:4] and held.token_ids[4] == eos
     with pytest.raises(InvalidRequest, match="logit_bias"):
         llm.generate(["x"], SamplingParams(logit_bias={10**6: 1.0}))
@@ -88,7 +109,12 @@ def test_semi_pd_constrained_output_equals_colocated(llm):
     """The prefill process samples the first token under the mask the decode side sends it."""
     params = [constrained("json_schema", json.dumps(SCHEMA), temperature=0)] * 4
     expected = llm.generate(PROMPTS[:4], params)
-    with LLM("tiny", dtype="float32", kv_cache_memory_gb=0.05, semi_pd=SemiPDConfig(prefill_batch_tokens=64)) as spd:
+    with LLM(
+        "tiny",
+        dtype="float32",
+        kv_cache_memory_gb=0.05,
+        semi_pd=SemiPDConfig(prefill_batch_tokens=64),
+    ) as spd:
         got = spd.generate(PROMPTS[:4], params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
     for out in got:
@@ -96,6 +122,7 @@ def test_semi_pd_constrained_output_equals_colocated(llm):
 
 
 # ---- over HTTP, with the openai client -----------------------------------------------------------
+
 
 class Answer(pydantic.BaseModel):
     city: Literal["Paris", "Rome", "Oslo"]
@@ -107,35 +134,68 @@ class Answer(pydantic.BaseModel):
 def client():
     cfg = ServeConfig(model="tiny", served_model_name="tiny", kv_cache_memory_gb=0.05)
     with local_app(cfg) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0), http
+        yield (
+            openai.OpenAI(
+                base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
+            ),
+            http,
+        )
 
 
 def test_openai_parse_returns_the_pydantic_object(client):
     oai, _ = client
     messages = [{"role": "user", "content": "Which city is the capital of France?"}]
-    r = oai.chat.completions.parse(model="tiny", messages=messages, response_format=Answer, max_tokens=60, n=3,
-                                   temperature=1.0, seed=5)
+    r = oai.chat.completions.parse(
+        model="tiny",
+        messages=messages,
+        response_format=Answer,
+        max_tokens=60,
+        n=3,
+        temperature=1.0,
+        seed=5,
+    )
     for choice in r.choices:
         assert isinstance(choice.message.parsed, Answer)
 
 
 def test_streaming_json_reassembles_to_the_non_streaming_result(client):
     oai, _ = client
-    kw = dict(model="tiny", messages=[{"role": "user", "content": "JSON please"}], max_tokens=120, temperature=0,
-              response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA, "strict": True}})
+    kw = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "JSON please"}],
+        max_tokens=120,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": SCHEMA, "strict": True},
+        },
+    )
     full = oai.chat.completions.create(**kw).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(**kw, stream=True)
-                       if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(**kw, stream=True)
+        if c.choices
+    )
     assert streamed == full
     jsonschema.validate(json.loads(full), SCHEMA)
 
 
 def test_sglang_generate_regex_and_bad_ebnf(client):
     _, http = client
-    r = http.post("/generate", json={"text": "Year:", "sampling_params": {"regex": "(19|20)[0-9]{2}",
-                                                                          "max_new_tokens": 8, "temperature": 0}})
+    r = http.post(
+        "/generate",
+        json={
+            "text": "Year:",
+            "sampling_params": {"regex": "(19|20)[0-9]{2}", "max_new_tokens": 8, "temperature": 0},
+        },
+    )
     assert r.status_code == 200 and re.fullmatch("(19|20)[0-9]{2}", r.json()["text"])
-    r = http.post("/generate", json={"text": "x", "sampling_params": {"ebnf": "root ::= (", "max_new_tokens": 4}})
+    r = http.post(
+        "/generate",
+        json={"text": "x", "sampling_params": {"ebnf": "root ::= (", "max_new_tokens": 4}},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "sampling_params.ebnf"
-    r = http.post("/generate", json={"text": "x", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}})
+    r = http.post(
+        "/generate", json={"text": "x", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}}
+    )
     assert r.status_code == 400

@@ -2,6 +2,7 @@
 token (fp32, tiny model), settings that cannot shard are refused naming tensor_parallel_size, a lost
 rank ends requests with a typed error in bounded time (never a hang) and fails the health check,
 and the ranks' actors and placement group are gone after close."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,17 +13,17 @@ import time
 
 import pytest
 
-from edgeacc_ray.config import ConfigError, ServeConfig
+from edgeacc_ray.config import ConfigError, EngineConfig, SemiPDConfig, ServeConfig
 from edgeacc_ray.engine import AsyncLLMEngine
-from edgeacc_ray.config import EngineConfig, SemiPDConfig
-from edgeacc_ray.engine.request import EngineUnavailable, TensorParallelFailure
-from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import EngineUnavailable, SamplingParams, TensorParallelFailure
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.tp_shard import ShardingError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 ENGINE_ARGS = dict(dtype="float32", num_pages=256, page_size=16)
-FAILURE_BOUND_S = 15.0  # a lost rank is reported within this (it is seconds under the collective timeout)
+FAILURE_BOUND_S = (
+    15.0  # a lost rank is reported within this (it is seconds under the collective timeout)
+)
 
 
 def ids(seed: int, n: int) -> list[int]:
@@ -90,7 +91,9 @@ def test_tp_must_divide_kv_heads(tp):
 def test_build_app_refuses_tp_that_does_not_divide_kv_heads():
     from deployments.app import build_app
 
-    with pytest.raises(ConfigError, match=r"tensor_parallel_size: tensor_parallel_size=4 .*num_key_value_heads=2"):
+    with pytest.raises(
+        ConfigError, match=r"tensor_parallel_size: tensor_parallel_size=4 .*num_key_value_heads=2"
+    ):
         build_app({"model": "tiny", "tensor_parallel_size": 4})
 
 
@@ -103,11 +106,17 @@ def test_build_app_places_one_bundle_per_rank():
     assert engine._replica_config.placement_group_bundles == [{"CPU": 0.01}] * 2
 
 
-@pytest.mark.parametrize("args, env", [
-    ({"tensor_parallel_size": 2, "pd_mode": "semi_pd"}, {}),
-    ({"pd_mode": "colocated"}, {"TENSOR_PARALLEL_SIZE": "2", "ENABLE_EDGE_ACC": "true"}),  # the tier is turned on
-    ({"tensor_parallel_size": 0}, {}),
-])
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        ({"tensor_parallel_size": 2, "pd_mode": "semi_pd"}, {}),
+        (
+            {"pd_mode": "colocated"},
+            {"TENSOR_PARALLEL_SIZE": "2", "ENABLE_EDGE_ACC": "true"},
+        ),  # the tier is turned on
+        ({"tensor_parallel_size": 0}, {}),
+    ],
+)
 def test_serve_config_refuses_tp_with_what_it_does_not_cover(args, env):
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         ServeConfig.from_sources(args, env=env)
@@ -124,7 +133,9 @@ async def test_rank_killed_mid_generation_fails_streams_cleanly(ray_cluster):
     engine = AsyncLLMEngine(EngineConfig(model="tiny", tensor_parallel_size=2, **ENGINE_ARGS))
     ranks = engine.engine.tp
     try:
-        stream = engine.generate("r1", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True))
+        stream = engine.generate(
+            "r1", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=1500, ignore_eos=True)
+        )
         first = await stream.__anext__()
         assert first.token_ids and not first.finished
         ray_cluster.kill(ranks.workers[0], no_restart=True)
@@ -203,33 +214,50 @@ def busiest_thread_nice(pid: int) -> int:
 
 def tp_placements(ray) -> list[str]:
     """The placement groups in use with one bundle per rank of a TP=2 engine."""
-    return [pg_id for pg_id, pg in ray.util.placement_group_table().items()
-            if pg["state"] == "CREATED" and pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2]
+    return [
+        pg_id
+        for pg_id, pg in ray.util.placement_group_table().items()
+        if pg["state"] == "CREATED" and pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2
+    ]
 
 
-def test_served_tp2_equals_tp1_and_is_restarted_after_a_rank_is_killed(ray_cluster, serve_http_url, tp1_tokens,
-                                                                      monkeypatch):
+def test_served_tp2_equals_tp1_and_is_restarted_after_a_rank_is_killed(
+    ray_cluster, serve_http_url, tp1_tokens, monkeypatch
+):
     """`serve run` with TENSOR_PARALLEL_SIZE=2 (colocated): the replica holds rank 0 in its placement
     group; killing rank 1 fails the replica's health check, Serve replaces it with a new group and the
     old group's placement and actors are gone."""
     import httpx
     from ray import serve
-
     from serve_helpers import serve_app, wait_serving
 
     monkeypatch.setenv("TENSOR_PARALLEL_SIZE", "2")  # as the EdgeAcc-SGLang image sets it
     args = {"model": "tiny", "served_model_name": "tiny", "num_threads": 1, **ENGINE_ARGS}
     url = serve_app(args, "edgeacc_tp", serve_http_url, "/tp")
-    body = {"input_ids": PROMPTS[2], "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    body = {
+        "input_ids": PROMPTS[2],
+        "sampling_params": {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True},
+    }
     try:
-        assert httpx.post(url + "/generate", json=body, timeout=60).json()["output_ids"] == tp1_tokens[2]
+        assert (
+            httpx.post(url + "/generate", json=body, timeout=60).json()["output_ids"]
+            == tp1_tokens[2]
+        )
         [placement] = tp_placements(ray_cluster)
         [pid] = tp_worker_pids()
         os.kill(pid, signal.SIGKILL)
         # a new replica with a new group; the old group's placement removed
-        wait_for(lambda: len(tp_placements(ray_cluster)) == 1 and placement not in tp_placements(ray_cluster), 90)
+        wait_for(
+            lambda: (
+                len(tp_placements(ray_cluster)) == 1 and placement not in tp_placements(ray_cluster)
+            ),
+            90,
+        )
         wait_serving(url, 120)
-        assert httpx.post(url + "/generate", json=body, timeout=60).json()["output_ids"] == tp1_tokens[2]
+        assert (
+            httpx.post(url + "/generate", json=body, timeout=60).json()["output_ids"]
+            == tp1_tokens[2]
+        )
         assert ray_cluster.util.placement_group_table()[placement]["state"] == "REMOVED"
         assert len(tp_worker_pids()) == 1
     finally:

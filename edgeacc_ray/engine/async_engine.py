@@ -6,6 +6,7 @@ it, and it posts chunks back onto the caller's event loop. A chunk carries every
 since the caller last read; after the first token (which leaves at once, as with SGLang's
 --stream-interval) at least `stream_interval` tokens unless the request finished.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,18 +17,25 @@ from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.request import EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.llm_engine import LLMEngine
-from edgeacc_ray.engine.request import EngineStats, RequestOutput, merge_outputs
-from edgeacc_ray.engine.semi_pd import PrefillExecutor
-from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.kv import StorageSpec
+from edgeacc_ray.engine.llm_engine import LLMEngine
+from edgeacc_ray.engine.request import (
+    EngineStats,
+    EngineUnavailable,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    merge_outputs,
+)
+from edgeacc_ray.engine.semi_pd import PrefillExecutor
 
 logger = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None
+    ) -> None:
         self.config = config
         self._prefill_executor = prefill_executor
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -36,7 +44,9 @@ class AsyncLLMEngine:
         self._running = True
         self._error: BaseException | None = None
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="edgeacc-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="edgeacc-engine", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if self._error is not None:
@@ -56,8 +66,9 @@ class AsyncLLMEngine:
     def model_info(self) -> dict:
         return self.engine.model_info
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Stream a request's output; leaving the loop early (or cancellation) aborts the request.
         A request the engine refuses raises InvalidRequest or EngineOverloaded on the first iteration;
         one that waited too long to start raises QueueTimeout."""
@@ -156,9 +167,16 @@ class AsyncLLMEngine:
                     self._deliver(request_id, failure)
         except BaseException as exc:
             self._error = exc
-            logger.exception("the engine's step loop failed; failing %d requests", len(self._streams))
-            error = exc if isinstance(exc, EngineUnavailable) else EngineUnavailable(  # typed: e.g. a lost TP rank
-                "the engine stopped while running this request")
+            logger.exception(
+                "the engine's step loop failed; failing %d requests", len(self._streams)
+            )
+            error = (
+                exc
+                if isinstance(exc, EngineUnavailable)
+                else EngineUnavailable(  # typed: e.g. a lost TP rank
+                    "the engine stopped while running this request"
+                )
+            )
             for request_id in list(self._streams):
                 self._deliver(request_id, error)
             raise
@@ -176,7 +194,9 @@ class AsyncLLMEngine:
         if out is not None:
             self._deliver(request_id, out)
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, matcher: Any) -> None:
+    def _add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, matcher: Any
+    ) -> None:
         if request_id not in self._streams:  # aborted before it reached the engine
             return
         try:
@@ -189,4 +209,3 @@ class AsyncLLMEngine:
         if stream is not None:
             loop, chunks = stream
             loop.call_soon_threadsafe(chunks.put_nowait, item)
-

@@ -1,4 +1,5 @@
 """The synchronous engine: requests in, one scheduled forward per `step()`, output chunks out."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -10,10 +11,22 @@ import torch
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.builder import build_parts
 from edgeacc_ray.engine.hardware import use_cores
-from edgeacc_ray.engine.request import (EngineOverloaded, EngineStats, EngineUnavailable, GrammarCompiler,
-                                        IncrementalDetokenizer, InvalidRequest, LatencyMetrics, RequestOutput,
-                                        SamplingParams, Sequence, SequenceStatus, SplitStats, next_token_bitmask,
-                                        validate_request)
+from edgeacc_ray.engine.request import (
+    EngineOverloaded,
+    EngineStats,
+    EngineUnavailable,
+    GrammarCompiler,
+    IncrementalDetokenizer,
+    InvalidRequest,
+    LatencyMetrics,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    SplitStats,
+    next_token_bitmask,
+    validate_request,
+)
 from edgeacc_ray.engine.sampling import sample
 from edgeacc_ray.engine.scheduling import BatchForecast, ScheduledBatch
 from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor, PrefillFailed
@@ -21,30 +34,62 @@ from edgeacc_ray.engine.tp import TensorParallelRanks
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None
+    ) -> None:
         """With `config.semi_pd`, the weights and the pool go into a shared segment (`storage_spec`)
         and prompts run on `prefill_executor` (a process that maps it); this engine only decodes.
         The parts are built by `engine.builder.build_parts`."""
         self.config = config
         parts = build_parts(config, prefill_executor)
-        self.plan, self.device, self.model_path, self.tokenizer = parts.plan, parts.device, parts.model_path, parts.tokenizer
-        self.args, self.dtype, self.max_model_len, self.limits = parts.args, parts.dtype, parts.max_model_len, parts.limits
+        self.plan, self.device, self.model_path, self.tokenizer = (
+            parts.plan,
+            parts.device,
+            parts.model_path,
+            parts.tokenizer,
+        )
+        self.args, self.dtype, self.max_model_len, self.limits = (
+            parts.args,
+            parts.dtype,
+            parts.max_model_len,
+            parts.limits,
+        )
         # Semi-PD's decode side (None when colocated): the shared storage, the split and the dispatcher
         self.storage, self.storage_spec, self.split = parts.storage, parts.storage_spec, parts.split
-        self._control, self._follower, self._initial_cores = parts.control, parts.follower, parts.initial_cores
+        self._control, self._follower, self._initial_cores = (
+            parts.control,
+            parts.follower,
+            parts.initial_cores,
+        )
         self.dispatcher: PrefillDispatcher | None = parts.dispatcher
         self.tp: TensorParallelRanks | None = parts.tp_ranks  # the other ranks (None: one rank)
         self.runner, self.block_manager, self.tier = parts.runner, parts.block_manager, parts.tier
-        self.running_bound, self.queue_bounds, self.step_time = parts.running_bound, parts.queue_bounds, parts.step_time
+        self.running_bound, self.queue_bounds, self.step_time = (
+            parts.running_bound,
+            parts.queue_bounds,
+            parts.step_time,
+        )
         self.scheduler, self.eos_token_ids = parts.scheduler, parts.eos_token_ids
         self.grammars = GrammarCompiler(self.tokenizer)
         self._masks = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeacc-grammar")
         self.sequences: dict[str, Sequence] = {}
-        self.failures: dict[str, EngineUnavailable] = {}  # requests that failed outside a step's outputs
-        self.counters = dict(prompt=0, generation=0, cached=0, host_cached=0, finished=0, aborted=0, rejected=0,
-                             queue_timeouts=0)
+        self.failures: dict[
+            str, EngineUnavailable
+        ] = {}  # requests that failed outside a step's outputs
+        self.counters = dict(
+            prompt=0,
+            generation=0,
+            cached=0,
+            host_cached=0,
+            finished=0,
+            aborted=0,
+            rejected=0,
+            queue_timeouts=0,
+        )
         self._num_admitted = 0  # scheduler.num_admitted at the last step (for the drain rate)
-        self.compute_seconds = 0.0  # in forwards and sampling: the rest of the wall time this engine idled
+        self.compute_seconds = (
+            0.0  # in forwards and sampling: the rest of the wall time this engine idled
+        )
         self._last_decode_at: float | None = None
         self.latency = LatencyMetrics()
         torch.manual_seed(config.seed)
@@ -54,26 +99,35 @@ class LLMEngine:
         """Raise InvalidRequest saying why this engine cannot run the request."""
         validate_request(prompt_token_ids, params, self.limits)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    matcher: Any = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        matcher: Any = None,
+    ) -> None:
         """Queue a request. A constrained one (`params.structured`) brings its grammar matcher, built
         off the step loop (`grammars.matcher`), or gets one built here. Raises InvalidRequest (it cannot
         run as asked) or EngineOverloaded (too many wait, or the wait to start is too long)."""
         if request_id in self.sequences:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
-        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic())
+        seq = Sequence(
+            request_id, [int(t) for t in prompt_token_ids], params, arrival_time=time.monotonic()
+        )
         try:
-            self.queue_bounds.check_arrival(len(self.scheduler.waiting),
-                                            BatchForecast(self.scheduler, self.step_time, seq))
+            self.queue_bounds.check_arrival(
+                len(self.scheduler.waiting), BatchForecast(self.scheduler, self.step_time, seq)
+            )
         except EngineOverloaded:
             self.counters["rejected"] += 1
             raise
         if params.structured is not None and matcher is None:
             matcher = self.grammars.matcher(params.structured)
         seq.matcher, seq.eos_token_ids = matcher, frozenset(self.eos_token_ids)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.stop,
-                                                 params.skip_special_tokens)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
+        )
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -82,7 +136,9 @@ class LLMEngine:
         seq = self.sequences.pop(request_id, None)
         if seq is None:
             return None
-        if seq.status != SequenceStatus.PREFILLING:  # else its pages are freed when the prefill returns
+        if (
+            seq.status != SequenceStatus.PREFILLING
+        ):  # else its pages are freed when the prefill returns
             self.scheduler.finish(seq)
         seq.finish_reason = "abort"
         self.counters["aborted"] += 1
@@ -121,12 +177,16 @@ class LLMEngine:
         self._expire_waiting(scheduled_at)
         batch = self.scheduler.schedule(budget)
         sched = self.scheduler
-        self.queue_bounds.drain.observe(scheduled_at, sched.num_admitted - self._num_admitted, len(sched.waiting))
+        self.queue_bounds.drain.observe(
+            scheduled_at, sched.num_admitted - self._num_admitted, len(sched.waiting)
+        )
         self._num_admitted = sched.num_admitted
         if self.split is not None:
             self._move_split()
         if batch.prefills:
-            for seq in batch.prefills:  # the prefill process samples the first token: send it the mask
+            for (
+                seq
+            ) in batch.prefills:  # the prefill process samples the first token: send it the mask
                 if seq.matcher is not None:
                     self._set_bitmask(seq)
             self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.current.prefill))
@@ -137,7 +197,11 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """One forward over the batch (the constrained rows' masks are computed meanwhile); then the
         pages it filled are keyed, and the reused ones written to the tier. Returns the logits of the rows that sample."""
-        masks = self._masks.submit(self._fill_masks, batch) if any(s.matcher for s, _ in batch.items) else None
+        masks = (
+            self._masks.submit(self._fill_masks, batch)
+            if any(s.matcher for s, _ in batch.items)
+            else None
+        )
         logits, samplers = self.runner.run(batch)
         if masks is not None:
             masks.result()  # computed while the forward ran
@@ -148,11 +212,20 @@ class LLMEngine:
             self.tier.write_reused()  # the pages schedule() just matched
         return logits, samplers
 
-    def _postprocess(self, batch: ScheduledBatch, samplers: list[Sequence], tokens: list[int], logprobs: list,
-                     started: float) -> list[RequestOutput]:
+    def _postprocess(
+        self,
+        batch: ScheduledBatch,
+        samplers: list[Sequence],
+        tokens: list[int],
+        logprobs: list,
+        started: float,
+    ) -> list[RequestOutput]:
         """Append the sampled tokens (finishing the sequences that stop) and time the decode step."""
         now = time.monotonic()
-        outputs = [self._append_token(seq, token, logprob, now) for seq, token, logprob in zip(samplers, tokens, logprobs)]
+        outputs = [
+            self._append_token(seq, token, logprob, now)
+            for seq, token, logprob in zip(samplers, tokens, logprobs)
+        ]
         if batch.num_decode:
             self._observe_decode(now, batch.num_decode, time.perf_counter() - started)
         return outputs
@@ -179,7 +252,9 @@ class LLMEngine:
 
     def wait_io(self, timeout: float | None = None) -> None:
         """Block until a prefill batch or a tier read comes back (or the timeout passes)."""
-        futures = [seq.prefix_load.future for seq in self.scheduler.loading if seq.prefix_load is not None]
+        futures = [
+            seq.prefix_load.future for seq in self.scheduler.loading if seq.prefix_load is not None
+        ]
         if self.dispatcher is not None:
             futures += [flight.future for flight in self.dispatcher.in_flight]
         if futures:
@@ -223,7 +298,9 @@ class LLMEngine:
             if isinstance(result, BaseException):
                 self._fail(flight.seqs, result)
                 continue
-            self.split.observe_rate("prefill", flight.num_cores, flight.num_tokens, result.compute_seconds)
+            self.split.observe_rate(
+                "prefill", flight.num_cores, flight.num_tokens, result.compute_seconds
+            )
             by_id = {r.request_id: r for r in result.results}
             now = time.monotonic()
             for seq in flight.seqs:
@@ -242,8 +319,11 @@ class LLMEngine:
 
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         """A prefill batch was lost: its requests end with an error and their pages return."""
-        reason = error if isinstance(error, PrefillFailed) else PrefillFailed(
-            f"the prefill process failed: {type(error).__name__}")
+        reason = (
+            error
+            if isinstance(error, PrefillFailed)
+            else PrefillFailed(f"the prefill process failed: {type(error).__name__}")
+        )
         for seq in seqs:
             self.scheduler.finish(seq)
             if seq.finish_reason is None:
@@ -256,7 +336,9 @@ class LLMEngine:
         """Publish where the cores go now and take this process's share (Semi-PD's live split)."""
         sched = self.scheduler
         before = self.split.current
-        split = self.split.decide(time.monotonic(), bool(sched.waiting or sched.prefilling), bool(sched.running))
+        split = self.split.decide(
+            time.monotonic(), bool(sched.waiting or sched.prefilling), bool(sched.running)
+        )
         if split != before:
             self._control.publish(split)
         self._follower.sync()
@@ -284,9 +366,15 @@ class LLMEngine:
             self.scheduler.finish(seq)
             self.scheduler.admission.finished(seq)
             self.counters["finished"] += 1
-            self.latency.finished(seq.arrival_time, seq.first_token_time, seq.num_output_tokens, now)
-        return self._output(seq, [token], [logprob] if logprob is not None else [],
-                            seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None)
+            self.latency.finished(
+                seq.arrival_time, seq.first_token_time, seq.num_output_tokens, now
+            )
+        return self._output(
+            seq,
+            [token],
+            [logprob] if logprob is not None else [],
+            seq.prompt_logprobs if first and seq.params.prompt_logprobs is not None else None,
+        )
 
     def _check_finished(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -301,47 +389,74 @@ class LLMEngine:
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
 
-    def _output(self, seq: Sequence, tokens: list[int], logprobs: list,
-                prompt_logprobs: list | None = None) -> RequestOutput:
+    def _output(
+        self, seq: Sequence, tokens: list[int], logprobs: list, prompt_logprobs: list | None = None
+    ) -> RequestOutput:
         finished = seq.finish_reason is not None
         return RequestOutput(
-            request_id=seq.request_id, token_ids=tokens, text=seq.detokenizer.emit(finished), finished=finished,
-            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            logprobs=logprobs if seq.params.logprobs is not None else None, prompt_logprobs=prompt_logprobs,
-            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens)
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=seq.detokenizer.emit(finished),
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )
 
     # -- introspection --------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm, c = self.block_manager, self.counters
         return EngineStats(
-            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            num_loading=len(self.scheduler.loading), host_cached_prompt_tokens_total=c["host_cached"],
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_loading=len(self.scheduler.loading),
+            host_cached_prompt_tokens_total=c["host_cached"],
             hicache=self.tier.stats() if self.tier is not None else None,
-            num_free_pages=bm.num_free_pages, num_total_pages=bm.num_pages, page_size=bm.page_size,
-            num_cached_pages=bm.num_cached_pages, prompt_tokens_total=c["prompt"],
-            generation_tokens_total=c["generation"], cached_prompt_tokens_total=c["cached"],
-            requests_finished_total=c["finished"], requests_aborted_total=c["aborted"],
+            num_free_pages=bm.num_free_pages,
+            num_total_pages=bm.num_pages,
+            page_size=bm.page_size,
+            num_cached_pages=bm.num_cached_pages,
+            prompt_tokens_total=c["prompt"],
+            generation_tokens_total=c["generation"],
+            cached_prompt_tokens_total=c["cached"],
+            requests_finished_total=c["finished"],
+            requests_aborted_total=c["aborted"],
             pd_mode="semi_pd" if self.split is not None else "colocated",
-            num_prefilling=len(self.scheduler.prefilling), split=self._split_stats(),
-            latency=self.latency.snapshot(), running_bound=self.running_bound.value,
+            num_prefilling=len(self.scheduler.prefilling),
+            split=self._split_stats(),
+            latency=self.latency.snapshot(),
+            running_bound=self.running_bound.value,
             reserved_pages=bm.num_pages - bm.num_free_pages + self.scheduler.committed_pages(),
-            new_token_ratio=self.scheduler.admission.ratio, retractions_total=self.scheduler.num_preemptions,
-            rejected_total=c["rejected"], queue_timeouts_total=c["queue_timeouts"],
-            drain_rate=self.queue_bounds.drain.per_s or 0.0, compute_seconds_total=self.compute_seconds,
-            targets=[self.running_bound.target()] + (self.split.targets() if self.split is not None else []))
+            new_token_ratio=self.scheduler.admission.ratio,
+            retractions_total=self.scheduler.num_preemptions,
+            rejected_total=c["rejected"],
+            queue_timeouts_total=c["queue_timeouts"],
+            drain_rate=self.queue_bounds.drain.per_s or 0.0,
+            compute_seconds_total=self.compute_seconds,
+            targets=[self.running_bound.target()]
+            + (self.split.targets() if self.split is not None else []),
+        )
 
     def _split_stats(self) -> SplitStats | None:
         if self.split is None:
             return None
         current = self.split.current
         return SplitStats(
-            prefill_cores=list(current.prefill) if current else [], decode_cores=list(current.decode) if current else [],
-            base_prefill_cores=self.split.base, moves_total=self.split.moves_total,
-            ttft_p90_ms=self.split.last_ttft_p90_ms, tpot_p90_ms=self.split.last_tpot_p90_ms,
+            prefill_cores=list(current.prefill) if current else [],
+            decode_cores=list(current.decode) if current else [],
+            base_prefill_cores=self.split.base,
+            moves_total=self.split.moves_total,
+            ttft_p90_ms=self.split.last_ttft_p90_ms,
+            tpot_p90_ms=self.split.last_tpot_p90_ms,
             prefill_batches_total=self.dispatcher.batches_total,
             prefill_compute_seconds_total=self.dispatcher.compute_seconds_total,
-            prefill_roundtrip_seconds_total=self.dispatcher.roundtrip_seconds_total, storage=self.storage_spec.name)
+            prefill_roundtrip_seconds_total=self.dispatcher.roundtrip_seconds_total,
+            storage=self.storage_spec.name,
+        )
 
     def flush_cache(self) -> bool:
         self.block_manager.flush()
@@ -361,13 +476,21 @@ class LLMEngine:
             self.storage.close()
             self.storage = None
             if self._initial_cores is not None:
-                use_cores(self._initial_cores)  # the split pinned this process; give it its cores back
+                use_cores(
+                    self._initial_cores
+                )  # the split pinned this process; give it its cores back
                 torch.set_num_threads(self.config.compute_threads)
 
     @property
     def model_info(self) -> dict:
-        return dict(model_path=str(self.model_path), architecture=self.args.architecture,
-                    max_model_len=self.max_model_len, vocab_size=self.args.vocab_size,
-                    eos_token_ids=sorted(self.eos_token_ids), page_size=self.config.page_size,
-                    num_pages=self.block_manager.num_pages, dtype=str(self.dtype).removeprefix("torch."),
-                    device=self.device)
+        return dict(
+            model_path=str(self.model_path),
+            architecture=self.args.architecture,
+            max_model_len=self.max_model_len,
+            vocab_size=self.args.vocab_size,
+            eos_token_ids=sorted(self.eos_token_ids),
+            page_size=self.config.page_size,
+            num_pages=self.block_manager.num_pages,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=self.device,
+        )

@@ -1,6 +1,7 @@
 """`build_api(config, client, tokenizer_path)`: the FastAPI app the Serve Ingress exposes, over any
 engine client. Routes are in `routes/`; here are the error handlers (every error is OpenAI-shaped,
 every 5xx is logged with a stable client message), the OpenAPI schema and the API guard."""
+
 from __future__ import annotations
 
 import logging
@@ -34,9 +35,15 @@ def build_api(config: ServeConfig, client: EngineClient, tokenizer_path: str) ->
         await ctx.health.stop()
         await client.close()
 
-    app = FastAPI(title="EdgeAcc-Ray", version=edgeacc_ray.__version__, lifespan=lifespan,
-                  description="OpenAI-compatible and SGLang-native LLM serving on Ray Serve.",
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app = FastAPI(
+        title="EdgeAcc-Ray",
+        version=edgeacc_ray.__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible and SGLang-native LLM serving on Ray Serve.",
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
     app.state.ctx = ctx
 
     def error_response(exc: APIError) -> JSONResponse:
@@ -52,8 +59,13 @@ def build_api(config: ServeConfig, client: EngineClient, tokenizer_path: str) ->
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             ctx_info = first.get("ctx", {}) or {}
-            return error_response(APIError(400, f"malformed JSON body: {ctx_info.get('error', 'invalid JSON')}",
-                                           code="invalid_json"))
+            return error_response(
+                APIError(
+                    400,
+                    f"malformed JSON body: {ctx_info.get('error', 'invalid JSON')}",
+                    code="invalid_json",
+                )
+            )
         parts, param = [], None
         for err in errors[:5]:
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -65,15 +77,27 @@ def build_api(config: ServeConfig, client: EngineClient, tokenizer_path: str) ->
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
         status = exc.status_code
-        return error_response(APIError(status, str(exc.detail), code=_HTTP_CODES.get(status, status),
-                                       type="invalid_request_error" if status < 500 else "server_error",
-                                       headers=dict(exc.headers or {})))
+        return error_response(
+            APIError(
+                status,
+                str(exc.detail),
+                code=_HTTP_CODES.get(status, status),
+                type="invalid_request_error" if status < 500 else "server_error",
+                headers=dict(exc.headers or {}),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(APIError(500, "internal error; the server log has the details",
-                                       type="internal_server_error", code="internal_error"))
+        return error_response(
+            APIError(
+                500,
+                "internal error; the server log has the details",
+                type="internal_server_error",
+                code="internal_error",
+            )
+        )
 
     for module in (chat, completions, generate, admin):
         app.include_router(module.router(ctx))

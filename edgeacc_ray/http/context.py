@@ -1,5 +1,6 @@
 """What every route shares: the settings, the engine client, the preprocessor, the engine's health,
 and the steps every generation endpoint takes (start the engine requests, stream the answer)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,10 @@ class ApiContext:
     async def start(self, prepared: Prepared, base_id: str) -> list[EngineRequest]:
         """Start the engine requests of an API request; all of them, or none (the first error raised)."""
         self.health.require()
-        reqs = [EngineRequest(self.client, rid, ids, params, prepared.param_names)
-                for rid, ids, params in prepared.engine_requests(base_id)]
+        reqs = [
+            EngineRequest(self.client, rid, ids, params, prepared.param_names)
+            for rid, ids, params in prepared.engine_requests(base_id)
+        ]
         await start_all(reqs)
         return reqs
 

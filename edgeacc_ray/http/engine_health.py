@@ -2,6 +2,7 @@
 has loaded the model; down from the moment the client finds it gone (a lost stream, a dead replica)
 until a probe reaches it again. While not serving, generation requests and /health get 503 with
 Retry-After at once instead of queueing silently behind a restart."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,9 @@ from edgeacc_ray.http.errors import unavailable
 
 logger = logging.getLogger("ray.serve")
 
-PROBE_TIMEOUT_S = 2.0  # a call that takes longer finds no engine (Serve queues calls to a missing replica)
+PROBE_TIMEOUT_S = (
+    2.0  # a call that takes longer finds no engine (Serve queues calls to a missing replica)
+)
 FIRST_PROBE_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 5.0  # the first model_info waits for the model to load
 
@@ -21,7 +24,9 @@ HEALTH_TIMEOUT_S = 5.0  # the first model_info waits for the model to load
 class EngineHealth:
     def __init__(self, client: EngineClient) -> None:
         self.client = client
-        self.info: dict[str, Any] | None = None  # the model's facts, once the engine was first reached
+        self.info: dict[str, Any] | None = (
+            None  # the model's facts, once the engine was first reached
+        )
         self.down = False
         self._probe: asyncio.Task | None = None
         client.on_unavailable(self.mark_down)
@@ -67,8 +72,10 @@ class EngineHealth:
     def require(self) -> dict[str, Any]:
         """The model's facts, or the 503 that says why the engine cannot serve now."""
         if self.info is None:
-            raise unavailable("the server is not ready yet: the engine is still starting (loading the model)",
-                              code="not_ready")
+            raise unavailable(
+                "the server is not ready yet: the engine is still starting (loading the model)",
+                code="not_ready",
+            )
         if self.down:
             raise unavailable("the engine is restarting; retry shortly")
         return self.info
@@ -80,5 +87,7 @@ class EngineHealth:
             await asyncio.wait_for(self.client.model_info(), timeout=HEALTH_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
-        except Exception:  # slow under load is not dead: only the client's own findings mark it down
+        except (
+            Exception
+        ):  # slow under load is not dead: only the client's own findings mark it down
             raise unavailable("the engine did not answer; retry shortly") from None

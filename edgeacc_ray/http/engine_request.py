@@ -3,13 +3,13 @@
 The first chunk is fetched before any response header is sent, so a refused request is a clean
 4xx/5xx instead of a broken stream. Closing a request (its client went away) aborts it in the engine.
 """
+
 from __future__ import annotations
 
 import asyncio
 from typing import AsyncIterator, Mapping
 
-from edgeacc_ray.engine.request import RequestOutput, merge_outputs
-from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import RequestOutput, SamplingParams, merge_outputs
 from edgeacc_ray.http.engine_interface import EngineClient
 from edgeacc_ray.http.errors import APIError, from_engine_error
 
@@ -17,8 +17,14 @@ from edgeacc_ray.http.errors import APIError, from_engine_error
 class EngineRequest:
     """One engine request: started (first chunk fetched), then iterated; errors become APIError."""
 
-    def __init__(self, client: EngineClient, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 param_names: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param_names: Mapping[str, str],
+    ) -> None:
         self.request_id, self.params, self.prompt_len = request_id, params, len(prompt_ids)
         self.param_names = param_names
         self._chunks = client.generate(request_id, prompt_ids, params)

@@ -1,5 +1,6 @@
 """Errors as clients see them: OpenAI's shape `{"error": {"message", "type", "param", "code"}}`,
 short and stable messages, never internal identifiers (those go to the logs with the request id)."""
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,15 @@ RETRY_AFTER_S = 1
 class APIError(Exception):
     """An error answered with `status` and an OpenAI-style body."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | int | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
         self.code = code if code is not None else status
@@ -26,23 +34,41 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def unavailable(message: str, code: str = "engine_unavailable", retry_after_s: int | None = None) -> APIError:
-    return APIError(503, message, type="service_unavailable", code=code,
-                    headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)})
+def unavailable(
+    message: str, code: str = "engine_unavailable", retry_after_s: int | None = None
+) -> APIError:
+    return APIError(
+        503,
+        message,
+        type="service_unavailable",
+        code=code,
+        headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)},
+    )
 
 
 def overloaded(message: str, retry_after_s: int | None, code: str | None = None) -> APIError:
     """429: come back after `retry_after_s` (the engine's estimate from its measured drain rate)."""
-    return APIError(429, message, type="rate_limit_exceeded", code=code or "overloaded",
-                    headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)})
+    return APIError(
+        429,
+        message,
+        type="rate_limit_exceeded",
+        code=code or "overloaded",
+        headers={"Retry-After": str(retry_after_s or RETRY_AFTER_S)},
+    )
 
 
-def from_engine_error(exc: BaseException, request_id: str, param_names: Mapping[str, str]) -> APIError:
+def from_engine_error(
+    exc: BaseException, request_id: str, param_names: Mapping[str, str]
+) -> APIError:
     """The API error for what the engine side raised; `param_names` maps the engine's field names
     to this endpoint's parameter names."""
     if isinstance(exc, APIError):
@@ -55,5 +81,9 @@ def from_engine_error(exc: BaseException, request_id: str, param_names: Mapping[
         logger.warning("request %s: engine unavailable: %s", request_id, exc)
         return unavailable(str(exc), exc.code or "engine_unavailable", exc.retry_after_s)
     logger.error("request %s failed", request_id, exc_info=exc)
-    return APIError(500, "internal error; the server log has the details (request id "
-                    f"{request_id})", type="internal_server_error", code="internal_error")
+    return APIError(
+        500,
+        f"internal error; the server log has the details (request id {request_id})",
+        type="internal_server_error",
+        code="internal_error",
+    )

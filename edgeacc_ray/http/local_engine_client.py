@@ -1,14 +1,14 @@
 """The engine client for an engine in this process: the HTTP app over an `AsyncLLMEngine` without
 Ray (fast tests of the HTTP layer, and single-process use)."""
+
 from __future__ import annotations
 
 import asyncio
 from typing import Any, AsyncIterator, Callable
 
-from edgeacc_ray.engine import AsyncLLMEngine
 from edgeacc_ray.config import EngineConfig
-from edgeacc_ray.engine.request import EngineStats, RequestOutput
-from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine import AsyncLLMEngine
+from edgeacc_ray.engine.request import EngineStats, RequestOutput, SamplingParams
 
 
 class LocalEngineClient:
@@ -22,8 +22,9 @@ class LocalEngineClient:
     async def model_info(self) -> dict[str, Any]:
         return dict(self.engine.model_info)
 
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         return self.engine.generate(request_id, prompt_token_ids, params)
 
     async def stats(self) -> EngineStats:

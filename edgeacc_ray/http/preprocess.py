@@ -2,6 +2,7 @@
 limits (choices, output length against the context), the features this server does not offer, and
 the sampling settings. The one place the HTTP layer checks a request; what the engine itself checks
 (prompt length and ids, sampling ranges) comes back from it as `InvalidRequest`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,20 +11,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeacc_ray.config import ServeConfig
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import StructuredOutput
+from edgeacc_ray.engine.request import SamplingParams, StructuredOutput
 from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.logprobs import TokenText
-from edgeacc_ray.http.protocol.openai import (ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat,
-                                              SamplingFields)
+from edgeacc_ray.http.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+    SamplingFields,
+)
 from edgeacc_ray.http.protocol.sglang import GenerateRequest, GenerateSamplingParams
 from edgeacc_ray.http.tool_calls import HermesTools, hermes_history
 
 # Texts longer than this are tokenized in a thread, off the event loop every stream shares.
 INLINE_TOKENIZE_CHARS = 8192
 # Engine field -> SGLang /generate parameter.
-_SGLANG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "stop", "stop_token_ids", "seed")
+_SGLANG_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "seed",
+)
 
 
 @dataclass
@@ -72,24 +87,36 @@ class Preprocessor:
         self.tokenizer_path = str(tokenizer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.token_text = TokenText(self.tokenizer)
-        self._template_renders_tools = "tools" in str(getattr(self.tokenizer, "chat_template", "") or "")
+        self._template_renders_tools = "tools" in str(
+            getattr(self.tokenizer, "chat_template", "") or ""
+        )
 
     # ---- shared checks ----
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     def _check_choices(self, ns: list[int], param: str = "n") -> None:
         """`ns`: choices asked for each prompt. Each within max_n, all together within the request limit."""
         for n in ns:
             if not 1 <= n <= self.cfg.max_n:
-                raise APIError(400, f"{param} must be between 1 and {self.cfg.max_n}, got {n}", param=param)
+                raise APIError(
+                    400, f"{param} must be between 1 and {self.cfg.max_n}, got {n}", param=param
+                )
         total, limit = sum(ns), self.cfg.request_choices_limit
         if total > limit:
-            raise APIError(400, f"this request asks for {total} generations ({len(ns)} prompt(s) x {param}); "
-                           f"at most {limit} per request are allowed (max_request_choices)",
-                           param=param, code="too_many_choices")
+            raise APIError(
+                400,
+                f"this request asks for {total} generations ({len(ns)} prompt(s) x {param}); "
+                f"at most {limit} per request are allowed (max_request_choices)",
+                param=param,
+                code="too_many_choices",
+            )
 
     @staticmethod
     def _check_openai_fields(req: SamplingFields, unsupported: dict[str, tuple[Any, str]]) -> None:
@@ -97,21 +124,38 @@ class Preprocessor:
         for name, (noop, hint) in unsupported.items():
             value = getattr(req, name)
             if value != noop:
-                raise APIError(400, f"{name}={json.dumps(value)[:80]} is not supported by this server{hint}",
-                               param=name)
+                raise APIError(
+                    400,
+                    f"{name}={json.dumps(value)[:80]} is not supported by this server{hint}",
+                    param=name,
+                )
         if req.stream_options is not None and not req.stream:
-            raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+            raise APIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
         if req.prompt_logprobs is not None and req.stream:
-            raise APIError(400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+            raise APIError(
+                400,
+                "prompt_logprobs are not available when stream is true",
+                param="prompt_logprobs",
+            )
 
     async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if len(text) <= INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens
+        )
 
     @staticmethod
-    def _max_tokens(ids: list[int], requested: int | None, max_model_len: int, param: str, prompt_param: str,
-                    clamp: bool = False) -> int:
+    def _max_tokens(
+        ids: list[int],
+        requested: int | None,
+        max_model_len: int,
+        param: str,
+        prompt_param: str,
+        clamp: bool = False,
+    ) -> int:
         """The output bound: what was asked (at least 1), or all the room the context leaves. Past
         the context: an error (OpenAI) or clamped (SGLang). A prompt that leaves no room at all gets
         1 here and is refused by the engine with the prompt's own message."""
@@ -125,15 +169,23 @@ class Preprocessor:
         if requested > room:
             if clamp:
                 return room
-            raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
-                           f"requested {len(ids) + requested} tokens ({len(ids)} in the {prompt_param}, {requested} "
-                           f"in the completion). Please reduce the length of the {prompt_param} or {param}.",
-                           param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {len(ids) + requested} tokens ({len(ids)} in the {prompt_param}, {requested} "
+                f"in the completion). Please reduce the length of the {prompt_param} or {param}.",
+                param=param,
+                code="context_length_exceeded",
+            )
         return requested
 
     @staticmethod
-    def _openai_params(req: SamplingFields, max_tokens: int, logprobs: int | None,
-                       prompt_logprobs: int | None = None) -> SamplingParams:
+    def _openai_params(
+        req: SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         """`prompt_logprobs`: the prompt's top-k as the endpoint derives it (echo), else the request's own."""
         return SamplingParams(
             max_tokens=max_tokens,
@@ -161,9 +213,13 @@ class Preprocessor:
         self.check_model(req.model)
         self._check_openai_fields(req, UNSUPPORTED_CHAT)
         self._check_choices([req.n])
-        tools = HermesTools(req.tools, req.tool_choice, req.parallel_tool_calls) if req.tools else None
+        tools = (
+            HermesTools(req.tools, req.tool_choice, req.parallel_tool_calls) if req.tools else None
+        )
         if tools is None and req.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice names a tool, but the request has no tools", param="tool_choice")
+            raise APIError(
+                400, "tool_choice names a tool, but the request has no tools", param="tool_choice"
+            )
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = [self._message(m) for m in req.messages]
@@ -177,11 +233,16 @@ class Preprocessor:
                 messages = tools.describe_in_system_prompt(messages)
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False,
+                messages,
+                tokenize=False,
                 add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message, **template_kwargs)
+                continue_final_message=req.continue_final_message,
+                **template_kwargs,
+            )
         except Exception as exc:  # jinja errors, a template that rejects the conversation
-            raise APIError(400, f"could not apply the chat template: {exc}", param="messages") from None
+            raise APIError(
+                400, f"could not apply the chat template: {exc}", param="messages"
+            ) from None
         if not isinstance(text, str):
             raise APIError(400, "the chat template did not produce text", param="messages")
         ids = await self._encode(text, add_special_tokens=False)
@@ -189,12 +250,21 @@ class Preprocessor:
         max_tokens = self._max_tokens(ids, requested, max_model_len, max_param, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._openai_params(req, max_tokens, logprobs)
-        names = {"prompt": "messages", "max_tokens": max_param, "logprobs": "top_logprobs", **_OPENAI_NAMES}
+        names = {
+            "prompt": "messages",
+            "max_tokens": max_param,
+            "logprobs": "top_logprobs",
+            **_OPENAI_NAMES,
+        }
         forced = tools.grammar() if tools is not None else None
         if forced is not None:
             if params.structured is not None:
-                raise APIError(400, "response_format cannot be combined with tool_choice 'required' or a named "
-                               "function", param="response_format")
+                raise APIError(
+                    400,
+                    "response_format cannot be combined with tool_choice 'required' or a named "
+                    "function",
+                    param="response_format",
+                )
             params.structured, names["structured"] = forced, "tools"
         if tools is not None:
             params.stop += tools.stop_strings()
@@ -208,8 +278,11 @@ class Preprocessor:
             parts = []
             for part in m.content:
                 if part.type != "text":
-                    raise APIError(400, f"content part type {part.type!r} is not supported (text only)",
-                                   param="messages")
+                    raise APIError(
+                        400,
+                        f"content part type {part.type!r} is not supported (text only)",
+                        param="messages",
+                    )
                 parts.append(part.text or "")
             content = "".join(parts)
         msg: dict[str, Any] = {"role": m.role, "content": content}
@@ -230,15 +303,24 @@ class Preprocessor:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         self._check_openai_fields(req, UNSUPPORTED)
         # echo with logprobs: the prompt's logprobs lead the choice's (as vLLM, from prompt_logprobs if given)
-        prompt_logprobs = req.logprobs if req.echo and req.prompt_logprobs is None else req.prompt_logprobs
+        prompt_logprobs = (
+            req.logprobs if req.echo and req.prompt_logprobs is None else req.prompt_logprobs
+        )
         prompts = self._completion_prompts(req.prompt)
         self._check_choices([req.n] * len(prompts))
         prepared = []
         for p in prompts:
             ids = await self._encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
-            max_tokens = self._max_tokens(ids, req.max_tokens, max_model_len, "max_tokens", "prompt")
-            prepared.append(PreparedPrompt(ids, self._openai_params(req, max_tokens, req.logprobs, prompt_logprobs),
-                                           text=p if isinstance(p, str) else None))
+            max_tokens = self._max_tokens(
+                ids, req.max_tokens, max_model_len, "max_tokens", "prompt"
+            )
+            prepared.append(
+                PreparedPrompt(
+                    ids,
+                    self._openai_params(req, max_tokens, req.logprobs, prompt_logprobs),
+                    text=p if isinstance(p, str) else None,
+                )
+            )
         names = {"prompt": "prompt", **_OPENAI_NAMES}
         if req.prompt_logprobs is None:
             names["prompt_logprobs"] = "logprobs"
@@ -275,7 +357,9 @@ class Preprocessor:
         def per_prompt(value: Any, default: Any, name: str) -> list[Any]:
             if isinstance(value, list):
                 if len(value) != count:
-                    raise APIError(400, f"{name} has {len(value)} entries for {count} prompts", param=name)
+                    raise APIError(
+                        400, f"{name} has {len(value)} entries for {count} prompts", param=name
+                    )
                 return list(value)
             return [value if value is not None else default] * count
 
@@ -283,44 +367,92 @@ class Preprocessor:
         rets = per_prompt(req.return_logprob, False, "return_logprob")
         starts = per_prompt(req.logprob_start_len, -1, "logprob_start_len")
         if any(ret and start < -1 for ret, start in zip(rets, starts)):
-            raise APIError(400, "logprob_start_len must be -1 (output logprobs only) or the first prompt position "
-                           "to return logprobs for", param="logprob_start_len")
+            raise APIError(
+                400,
+                "logprob_start_len must be -1 (output logprobs only) or the first prompt position "
+                "to return logprobs for",
+                param="logprob_start_len",
+            )
         tops = per_prompt(req.top_logprobs_num, 0, "top_logprobs_num")
         rids = per_prompt(req.rid, None, "rid")
         self._check_choices([sp.n for sp in sps], "sampling_params.n")
-        names = {"max_tokens": "sampling_params.max_new_tokens", "prompt": prompt_param,
-                 "logprobs": "top_logprobs_num", "min_tokens": "sampling_params.min_new_tokens",
-                 "prompt_logprobs": "top_logprobs_num", "prompt_logprobs_start": "logprob_start_len",
-                 **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS}}
+        names = {
+            "max_tokens": "sampling_params.max_new_tokens",
+            "prompt": prompt_param,
+            "logprobs": "top_logprobs_num",
+            "min_tokens": "sampling_params.min_new_tokens",
+            "prompt_logprobs": "top_logprobs_num",
+            "prompt_logprobs_start": "logprob_start_len",
+            **{f: f"sampling_params.{f}" for f in _SGLANG_FIELDS},
+        }
         prepared = []
         if any(sp.json_schema or sp.regex or sp.ebnf for sp in sps):
-            names["structured"] = next(f"sampling_params.{f}" for sp in sps for f in ("json_schema", "regex", "ebnf")
-                                       if getattr(sp, f))
+            names["structured"] = next(
+                f"sampling_params.{f}"
+                for sp in sps
+                for f in ("json_schema", "regex", "ebnf")
+                if getattr(sp, f)
+            )
         for prompt, sp, ret, top, start, rid in zip(prompts, sps, rets, tops, starts, rids):
             if ret and top < 0:
-                raise APIError(400, f"top_logprobs_num must be >= 0, got {top}", param="top_logprobs_num")
-            ids = await self._encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
-            max_new = self._max_tokens(ids, sp.max_new_tokens, max_model_len, "sampling_params.max_new_tokens",
-                                       prompt_param, clamp=True)
+                raise APIError(
+                    400, f"top_logprobs_num must be >= 0, got {top}", param="top_logprobs_num"
+                )
+            ids = (
+                await self._encode(prompt, add_special_tokens=True)
+                if isinstance(prompt, str)
+                else list(prompt)
+            )
+            max_new = self._max_tokens(
+                ids,
+                sp.max_new_tokens,
+                max_model_len,
+                "sampling_params.max_new_tokens",
+                prompt_param,
+                clamp=True,
+            )
             params = self._sglang_params(sp, max_new, top if ret else None)
             if ret and start >= 0:  # the prompt's logprobs from `start` on
                 params.prompt_logprobs, params.prompt_logprobs_start = top, start
             for _ in range(sp.n):  # SGLang expands n into separate batch entries
-                prepared.append(PreparedPrompt(ids, params, return_logprob=bool(ret), top_logprobs_num=int(top or 0),
-                                               rid=rid if sp.n == 1 else None))
+                prepared.append(
+                    PreparedPrompt(
+                        ids,
+                        params,
+                        return_logprob=bool(ret),
+                        top_logprobs_num=int(top or 0),
+                        rid=rid if sp.n == 1 else None,
+                    )
+                )
         return Prepared(prepared, 1, names, batch=batch or len(prepared) > 1)
 
     @staticmethod
-    def _sglang_params(sp: GenerateSamplingParams, max_new_tokens: int, logprobs: int | None) -> SamplingParams:
-        grammars = [(name, getattr(sp, name)) for name in ("json_schema", "regex", "ebnf") if getattr(sp, name)]
+    def _sglang_params(
+        sp: GenerateSamplingParams, max_new_tokens: int, logprobs: int | None
+    ) -> SamplingParams:
+        grammars = [
+            (name, getattr(sp, name))
+            for name in ("json_schema", "regex", "ebnf")
+            if getattr(sp, name)
+        ]
         if len(grammars) > 1:
-            raise APIError(400, "give at most one of sampling_params.json_schema, regex and ebnf",
-                           param=f"sampling_params.{grammars[1][0]}")
+            raise APIError(
+                400,
+                "give at most one of sampling_params.json_schema, regex and ebnf",
+                param=f"sampling_params.{grammars[1][0]}",
+            )
         if sp.no_stop_trim:
-            raise APIError(400, "sampling_params.no_stop_trim is not supported", param="sampling_params.no_stop_trim")
+            raise APIError(
+                400,
+                "sampling_params.no_stop_trim is not supported",
+                param="sampling_params.no_stop_trim",
+            )
         if not sp.spaces_between_special_tokens:
-            raise APIError(400, "sampling_params.spaces_between_special_tokens=false is not supported",
-                           param="sampling_params.spaces_between_special_tokens")
+            raise APIError(
+                400,
+                "sampling_params.spaces_between_special_tokens=false is not supported",
+                param="sampling_params.spaces_between_special_tokens",
+            )
         return SamplingParams(
             max_tokens=max_new_tokens,
             temperature=sp.temperature,
@@ -347,19 +479,40 @@ _GRAMMAR_HINT = ": use response_format (json_schema, json_object)"
 # OpenAI / vLLM parameters that change the output and are not implemented: name -> (the value that
 # changes nothing, a hint). Any other value is refused with a 400 naming the parameter.
 UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "spaces_between_special_tokens": (True, ""), "include_stop_str_in_output": (False, ""),
-    "use_beam_search": (False, ""), "length_penalty": (1.0, ""), "truncate_prompt_tokens": (None, ""),
-    "allowed_token_ids": (None, ": use logit_bias"), "bad_words": (None, ": use logit_bias"),
-    "guided_json": (None, _GRAMMAR_HINT), "guided_regex": (None, _GRAMMAR_HINT),
-    "guided_choice": (None, _GRAMMAR_HINT), "guided_grammar": (None, _GRAMMAR_HINT),
-    "structured_outputs": (None, _GRAMMAR_HINT), "logits_processors": (None, ""),
+    "spaces_between_special_tokens": (True, ""),
+    "include_stop_str_in_output": (False, ""),
+    "use_beam_search": (False, ""),
+    "length_penalty": (1.0, ""),
+    "truncate_prompt_tokens": (None, ""),
+    "allowed_token_ids": (None, ": use logit_bias"),
+    "bad_words": (None, ": use logit_bias"),
+    "guided_json": (None, _GRAMMAR_HINT),
+    "guided_regex": (None, _GRAMMAR_HINT),
+    "guided_choice": (None, _GRAMMAR_HINT),
+    "guided_grammar": (None, _GRAMMAR_HINT),
+    "structured_outputs": (None, _GRAMMAR_HINT),
+    "logits_processors": (None, ""),
     "return_tokens_as_token_ids": (False, ""),
 }
-UNSUPPORTED_GENERATE: dict[str, Any] = {name: None for name in (
-    "input_embeds", "image_data", "audio_data", "video_data", "lora_path", "custom_logit_processor",
-    "token_ids_logprob", "session_params")} | {"return_hidden_states": False}
-UNSUPPORTED_CHAT = {**UNSUPPORTED, "functions": (None, ": use tools"), "function_call": (None, ": use tool_choice"),
-                    "echo": (False, "")}
+UNSUPPORTED_GENERATE: dict[str, Any] = {
+    name: None
+    for name in (
+        "input_embeds",
+        "image_data",
+        "audio_data",
+        "video_data",
+        "lora_path",
+        "custom_logit_processor",
+        "token_ids_logprob",
+        "session_params",
+    )
+} | {"return_hidden_states": False}
+UNSUPPORTED_CHAT = {
+    **UNSUPPORTED,
+    "functions": (None, ": use tools"),
+    "function_call": (None, ": use tool_choice"),
+    "echo": (False, ""),
+}
 
 
 def _token_bias(bias: dict[str, float] | None, param: str) -> dict[int, float]:
@@ -369,7 +522,9 @@ def _token_bias(bias: dict[str, float] | None, param: str) -> dict[int, float]:
         try:
             out[int(key)] = float(value)
         except ValueError:
-            raise APIError(400, f"{param} keys must be token ids, got {key!r}", param=param) from None
+            raise APIError(
+                400, f"{param} keys must be token ids, got {key!r}", param=param
+            ) from None
     return out
 
 
@@ -379,5 +534,7 @@ def _response_format(fmt: ResponseFormat | None) -> StructuredOutput | None:
     if fmt.type == "json_object":
         return StructuredOutput("json_object")
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        raise APIError(
+            400, "response_format json_schema needs json_schema.schema", param="response_format"
+        )
     return StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))

@@ -1,5 +1,6 @@
 """Server-sent events: framing, and a streaming response that ends with a clean error event (then
 [DONE]) when the engine fails mid-stream, and closes the engine requests when the client leaves."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ def sse(obj: Any) -> str:
     return "data: " + dumps(obj) + "\n\n"
 
 
-def stream_response(events: AsyncIterator[str], on_open: Callable[[], None],
-                    on_close: Callable[[], None]) -> StreamingResponse:
+def stream_response(
+    events: AsyncIterator[str], on_open: Callable[[], None], on_close: Callable[[], None]
+) -> StreamingResponse:
     async def guarded() -> AsyncIterator[str]:
         on_open()
         try:
@@ -34,5 +36,8 @@ def stream_response(events: AsyncIterator[str], on_open: Callable[[], None],
             on_close()
             await events.aclose()
 
-    return StreamingResponse(guarded(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        guarded(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -7,6 +7,7 @@ A chat template that renders `tools` itself (Qwen2.5/Qwen3, Hermes models) gets 
 for one that does not, the tools go into the system prompt and earlier calls and tool answers are
 written as Hermes text, so every ChatML model can take part. Another model family's format would be
 another class with the same three methods."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ _SYSTEM_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
-    "</tool_call>")
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n'
+    "</tool_call>"
+)
 
 
 @dataclass
@@ -35,23 +37,31 @@ class ParsedCall:
     arguments: str  # JSON text
 
     def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         return call if index is None else {"index": index, **call}
 
 
 class HermesTools:
     """The request's tools and tool_choice, in the Hermes format."""
 
-    def __init__(self, tools: list[Tool], choice: str | NamedToolChoice | None, parallel: bool) -> None:
+    def __init__(
+        self, tools: list[Tool], choice: str | NamedToolChoice | None, parallel: bool
+    ) -> None:
         self.tools = {t.function.name: t for t in tools}
         if len(self.tools) != len(tools):
             raise APIError(400, "tool names must be unique", param="tools")
         self.choice = choice or "auto"
         self.parallel = parallel
         if isinstance(self.choice, NamedToolChoice) and self.choice.function.name not in self.tools:
-            raise APIError(400, f"tool_choice names {self.choice.function.name!r}, which is not in tools",
-                           param="tool_choice")
+            raise APIError(
+                400,
+                f"tool_choice names {self.choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
 
     @property
     def parses_calls(self) -> bool:
@@ -64,8 +74,9 @@ class HermesTools:
     def describe_in_system_prompt(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """For templates without tool support: the tools go into the system prompt."""
         out = list(messages)
-        described = _SYSTEM_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False)
-                                                          for t in self.template_tools()))
+        described = _SYSTEM_PROMPT.format(
+            tools="\n".join(json.dumps(t, ensure_ascii=False) for t in self.template_tools())
+        )
         if out and out[0]["role"] in ("system", "developer"):
             out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{described}"}
         else:
@@ -77,12 +88,18 @@ class HermesTools:
         """For "required" and a named function: output must be tool calls whose arguments follow the schema."""
         if self.choice in ("auto", "none"):
             return None
-        names = [self.choice.function.name] if isinstance(self.choice, NamedToolChoice) else list(self.tools)
+        names = (
+            [self.choice.function.name]
+            if isinstance(self.choice, NamedToolChoice)
+            else list(self.tools)
+        )
         bodies = [_call_schema(name, self.tools[name]) for name in names]
         body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
         repeat = ' ("\\n" call)*' if self.parallel else ""
-        lark = (f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\n'
-                f"body: %json {json.dumps({**body, 'x-guidance': {'whitespace_flexible': False}})}")
+        lark = (
+            f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\n'
+            f"body: %json {json.dumps({**body, 'x-guidance': {'whitespace_flexible': False}})}"
+        )
         return StructuredOutput("lark", lark)
 
     def stop_strings(self) -> list[str]:
@@ -104,7 +121,7 @@ class HermesTools:
             call = self._call(match.group(1))
             if call is None:
                 continue
-            kept.append(text[last:match.start()])
+            kept.append(text[last : match.start()])
             last = match.end()
             calls.append(call)
         if not calls:
@@ -121,8 +138,10 @@ class HermesTools:
         if not isinstance(data, dict) or data.get("name") not in self.tools:
             return None
         arguments = data.get("arguments", data.get("parameters", {}))
-        return ParsedCall(data["name"], arguments if isinstance(arguments, str) else json.dumps(arguments,
-                                                                                             ensure_ascii=False))
+        return ParsedCall(
+            data["name"],
+            arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
+        )
 
 
 class ToolCallStream:
@@ -143,15 +162,15 @@ class ToolCallStream:
         at = self.text.find(OPEN, self.sent)
         if at != -1:
             self.holding = True
-            out, self.sent = self.text[self.sent:at], at
+            out, self.sent = self.text[self.sent : at], at
             return out
         end = len(self.text) - _partial_prefix(self.text, OPEN)
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        out, self.sent = self.text[self.sent : end], max(self.sent, end)
         return out
 
     def finish(self, stop_reason: str | int | None = None) -> tuple[str, list[ParsedCall]]:
         """(content still to send, the calls) at the end of the output (`stop_reason`: what ended it)."""
-        rest = self.tools.untrim(self.text, stop_reason)[self.sent:]
+        rest = self.tools.untrim(self.text, stop_reason)[self.sent :]
         if not self.holding:
             return rest, []
         content, calls = self.tools.parse(rest)
@@ -168,8 +187,12 @@ def _partial_prefix(text: str, marker: str) -> int:
 
 def _call_schema(name: str, tool: Tool) -> dict[str, Any]:
     params = tool.function.parameters or {"type": "object", "properties": {}}
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def hermes_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -179,12 +202,17 @@ def hermes_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _as_hermes_text(message: dict[str, Any]) -> dict[str, Any]:
     if message.get("tool_calls"):
-        blocks = "\n".join(f'{OPEN}\n{json.dumps({"name": c["function"]["name"], "arguments": _json(c["function"]["arguments"])}, ensure_ascii=False)}\n{CLOSE}'
-                           for c in message["tool_calls"])
+        blocks = "\n".join(
+            f"{OPEN}\n{json.dumps({'name': c['function']['name'], 'arguments': _json(c['function']['arguments'])}, ensure_ascii=False)}\n{CLOSE}"
+            for c in message["tool_calls"]
+        )
         text = f"{message.get('content') or ''}\n{blocks}".strip()
         return {"role": "assistant", "content": text}
     if message["role"] == "tool":
-        return {"role": "user", "content": f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"}
+        return {
+            "role": "user",
+            "content": f"<tool_response>\n{message.get('content') or ''}\n</tool_response>",
+        }
     return message
 
 

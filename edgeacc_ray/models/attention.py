@@ -6,6 +6,7 @@ workspace (engine/runner/decode_workspace.py: a contiguous row per sequence), an
 longer than the rest (which would make every workspace row as long as theirs), from pages gathered
 on the fly; prefill chunks one sequence at a time with a causal mask offset by the cached context.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,20 +28,41 @@ class PrefillChunk:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] pool slot (page * page_size + offset) of every new token
     num_decode: int  # rows [0, num_decode) are decode tokens, one per sequence
-    decode_mask: torch.Tensor | None  # workspace path: [workspace rows, capacity] additive, -inf past each
-                                      # row's context
+    decode_mask: (
+        torch.Tensor | None
+    )  # workspace path: [workspace rows, capacity] additive, -inf past each
+    # row's context
     prefills: list[PrefillChunk]
-    num_workspace: int = 0  # decode rows [0, num_workspace) attend in the workspace, the rest gather pages
-    decode_page_table: torch.Tensor | None = None  # pages path: [paged rows, max_pages], padded with page 0
-    paged_mask: torch.Tensor | None = None  # pages path: [paged rows, max_pages * page_size] additive
+    num_workspace: int = (
+        0  # decode rows [0, num_workspace) attend in the workspace, the rest gather pages
+    )
+    decode_page_table: torch.Tensor | None = (
+        None  # pages path: [paged rows, max_pages], padded with page 0
+    )
+    paged_mask: torch.Tensor | None = (
+        None  # pages path: [paged rows, max_pages * page_size] additive
+    )
     workspace: torch.Tensor | None = None  # workspace path: [layers, 2, rows, Hkv, length, D]
-    workspace_slots: torch.Tensor | None = None  # [num_workspace * Hkv] flat (row, head, position) of new tokens
-    workspace_rows: torch.Tensor | None = None  # [num_workspace] row of each query; None if rows == range
-    kernel: Any = None  # a planned flashinfer step (models/attention_flashinfer.py): it attends every row
+    workspace_slots: torch.Tensor | None = (
+        None  # [num_workspace * Hkv] flat (row, head, position) of new tokens
+    )
+    workspace_rows: torch.Tensor | None = (
+        None  # [num_workspace] row of each query; None if rows == range
+    )
+    kernel: Any = (
+        None  # a planned flashinfer step (models/attention_flashinfer.py): it attends every row
+    )
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    workspace: torch.Tensor | None, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    workspace: torch.Tensor | None,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] for the new tokens; returns [T, H * D]."""
     num_kv_heads, num_pages, page_size, head_dim = kv_cache.shape[1:]
     slots = kv_cache.view(2, num_kv_heads, num_pages * page_size, head_dim)
@@ -67,15 +89,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out.reshape(out.shape[0], -1)
 
 
-def _gather(pages: torch.Tensor, page_ids: torch.Tensor, head_dim: int, length: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(
+    pages: torch.Tensor, page_ids: torch.Tensor, head_dim: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [Hkv, length, D] of one sequence, copied out of its pages."""
     kv = pages.index_select(2, page_ids).view(2, pages.shape[1], -1, head_dim)
     return kv[0, :, :length], kv[1, :, :length]
 
 
-def _workspace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, workspace: torch.Tensor,
-                         meta: AttentionMetadata) -> torch.Tensor:
+def _workspace_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    workspace: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
     """Append the new k/v to each sequence's workspace row, then attend rows in place (no gather)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = workspace.shape[2]
@@ -85,7 +113,10 @@ def _workspace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work
     qg = q.view(batch, num_kv_heads, -1, head_dim)  # [B, Hkv, G, D]
     if meta.workspace_rows is not None:
         qg = qg.new_zeros((rows,) + qg.shape[1:]).index_copy_(0, meta.workspace_rows, qg)
-    keys, values = workspace[0, :rows], workspace[1, :rows]  # [R, Hkv, L, D], contiguous: L is the capacity
+    keys, values = (
+        workspace[0, :rows],
+        workspace[1, :rows],
+    )  # [R, Hkv, L, D], contiguous: L is the capacity
     scores = torch.matmul(qg, keys.transpose(-1, -2)).float() + meta.decode_mask[:, None, None, :]
     out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)  # [R, Hkv, G, D]
     if meta.workspace_rows is not None:
@@ -93,8 +124,9 @@ def _workspace_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, work
     return out.reshape(batch, num_heads, head_dim)
 
 
-def _paged_decode_attention(q: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata,
-                            head_dim: int) -> torch.Tensor:
+def _paged_decode_attention(
+    q: torch.Tensor, pages: torch.Tensor, meta: AttentionMetadata, head_dim: int
+) -> torch.Tensor:
     batch, num_heads, _ = q.shape
     num_kv_heads = pages.shape[1]
     table = meta.decode_page_table
@@ -111,7 +143,14 @@ def _prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     torch's fused CPU/CUDA kernel beats matmul-softmax-matmul here (2x at 200 tokens, 4x at 2048)."""
     n, num_heads, head_dim = q.shape
     length = keys.shape[1]
-    causal = dict(is_causal=True) if n == length else dict(
-        attn_mask=torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n))
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, scale=1.0, enable_gqa=True, **causal)
+    causal = (
+        dict(is_causal=True)
+        if n == length
+        else dict(
+            attn_mask=torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+        )
+    )
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys, values, scale=1.0, enable_gqa=True, **causal
+    )
     return out.transpose(0, 1).reshape(n, num_heads, head_dim)

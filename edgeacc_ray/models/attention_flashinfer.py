@@ -10,6 +10,7 @@ step with prompt rows uses the prefill wrapper for all rows (a decode row is a q
 flashinfer's causal mask aligns each row's queries to the end of its context, as our prefill chunks
 need). `paged_layout` builds the CSR page lists from the batch and is plain Python, tested on CPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,21 +46,34 @@ def paged_layout(items: list[tuple[object, int]], page_size: int) -> PagedLayout
         qo.append(qo[-1] + n)
         kv.append(kv[-1] + num_pages)
         last.append(context - (num_pages - 1) * page_size)
-    return PagedLayout(np.asarray(qo, dtype=np.int32), np.asarray(kv, dtype=np.int32),
-                       np.asarray(indices, dtype=np.int32), np.asarray(last, dtype=np.int32))
+    return PagedLayout(
+        np.asarray(qo, dtype=np.int32),
+        np.asarray(kv, dtype=np.int32),
+        np.asarray(indices, dtype=np.int32),
+        np.asarray(last, dtype=np.int32),
+    )
 
 
 class FlashInferAttention:
     """The wrappers and workspace of one model runner (the flashinfer import happens here, on CUDA only)."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         import flashinfer
 
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.device = page_size, dtype, device
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, kv_layout="HND"
+        )
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, kv_layout="HND")
 
     def plan(self, items: list[tuple[object, int]], scale: float) -> "FlashInferStep":
@@ -69,15 +83,40 @@ class FlashInferAttention:
         def on_device(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(dev)
 
-        kv_indptr, kv_indices, last = on_device(layout.kv_indptr), on_device(layout.kv_indices), on_device(layout.last_page_len)
+        kv_indptr, kv_indices, last = (
+            on_device(layout.kv_indptr),
+            on_device(layout.kv_indices),
+            on_device(layout.last_page_len),
+        )
         if layout.decode_only:
-            self.decode.plan(kv_indptr, kv_indices, last, self.num_heads, self.num_kv_heads, self.head_dim,
-                             self.page_size, pos_encoding_mode="NONE", sm_scale=scale,
-                             q_data_type=self.dtype, kv_data_type=self.dtype)
+            self.decode.plan(
+                kv_indptr,
+                kv_indices,
+                last,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.page_size,
+                pos_encoding_mode="NONE",
+                sm_scale=scale,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
+            )
             return FlashInferStep(self.decode)
-        self.prefill.plan(on_device(layout.qo_indptr), kv_indptr, kv_indices, last, self.num_heads,
-                          self.num_kv_heads, self.head_dim, self.page_size, causal=True, sm_scale=scale,
-                          q_data_type=self.dtype, kv_data_type=self.dtype)
+        self.prefill.plan(
+            on_device(layout.qo_indptr),
+            kv_indptr,
+            kv_indices,
+            last,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.page_size,
+            causal=True,
+            sm_scale=scale,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
         return FlashInferStep(self.prefill)
 
 

@@ -10,6 +10,7 @@ float noise) and varies with the prompt instead of repeating the input token.
 Builds are byte-identical for a given Python, torch and tokenizers version (the corpus is the
 installed stdlib). `python -m edgeacc_ray.models.builtin_models [names...] [--force] [--out DIR]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 from edgeacc_ray.models.gguf_convert import converted_folder
-from edgeacc_ray.models.smollm2 import NAME as SMOLLM2, smollm2_folder
+from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
+from edgeacc_ray.models.smollm2 import NAME as SMOLLM2
+from edgeacc_ray.models.smollm2 import smollm2_folder
 
 BUILD_VERSION = 1  # bump when the recipe changes: cached folders of another version are rebuilt
 SEED = 0
@@ -40,15 +42,31 @@ ENDOFTEXT_ID, IM_START_ID, IM_END_ID = range(VOCAB_SIZE - len(SPECIAL_TOKENS), V
 EMBED_NORM, GAIN, FINAL_NORM_SCALE = 2.0, 2.0, 3.0
 
 BUILTIN_MODELS: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, max_position_embeddings=2048),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, max_position_embeddings=4096),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+    ),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=4096,
+    ),
 }
 
 # Qwen2/Qwen3's pre-tokenizer split: contractions, letter runs, single digits, punctuation, spaces.
-_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -61,11 +79,15 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+
 def _corpus_files() -> list[str]:
     """The training text: top-level stdlib modules plus pydoc's English topic help, sorted."""
     stdlib = os.path.dirname(os.__file__)
-    files = [f for f in sorted(glob.glob(os.path.join(stdlib, "*.py")))
-             if not os.path.basename(f).startswith("_sysconfigdata")]  # build-specific paths
+    files = [
+        f
+        for f in sorted(glob.glob(os.path.join(stdlib, "*.py")))
+        if not os.path.basename(f).startswith("_sysconfigdata")
+    ]  # build-specific paths
     topics = os.path.join(stdlib, "pydoc_data", "topics.py")
     files += [topics] if os.path.exists(topics) else []
     if not files:
@@ -76,22 +98,39 @@ def _corpus_files() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """Train the shared byte-level BPE tokenizer (deterministic) and return it serialized."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS), min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in _corpus_files()]
     tok.train_from_iterator(texts, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     if tok.get_vocab_size() != VOCAB_SIZE or tok.token_to_id(SPECIAL_TOKENS[-1]) != IM_END_ID:
-        raise RuntimeError(f"tokenizer came out with {tok.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
+        raise RuntimeError(
+            f"tokenizer came out with {tok.get_vocab_size()} tokens, expected {VOCAB_SIZE}"
+        )
     return tok.to_str(pretty=True)
 
 
@@ -99,13 +138,26 @@ def _config(name: str) -> dict:
     """config.json of a built-in model, written out in full (HF Qwen3 field names)."""
     shape = BUILTIN_MODELS[name]
     return {
-        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "bfloat16",
-        "vocab_size": VOCAB_SIZE, **shape, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-        "rope_theta": 1e6, "rope_scaling": None, "tie_word_embeddings": True,
-        "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
-        "sliding_window": None, "max_window_layers": shape["num_hidden_layers"],
-        "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": ENDOFTEXT_ID, "eos_token_id": IM_END_ID, "pad_token_id": ENDOFTEXT_ID,
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "torch_dtype": "bfloat16",
+        "vocab_size": VOCAB_SIZE,
+        **shape,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": shape["num_hidden_layers"],
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": ENDOFTEXT_ID,
+        "eos_token_id": IM_END_ID,
+        "pad_token_id": ENDOFTEXT_ID,
     }
 
 
@@ -116,7 +168,9 @@ def _weights(cfg: dict) -> dict[str, torch.Tensor]:
     q_dim, kv_dim = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
 
     def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) * (GAIN / math.sqrt(in_features))
+        return torch.randn(out_features, in_features, generator=gen) * (
+            GAIN / math.sqrt(in_features)
+        )
 
     def norm(size: int, scale: float = 1.0) -> torch.Tensor:  # not all ones: a dropped norm shows
         return (torch.rand(size, generator=gen) + 0.5) * scale
@@ -150,21 +204,41 @@ def _write_folder(name: str, folder: Path) -> None:
         (folder / filename).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     dump("config.json", cfg)
-    dump("generation_config.json", {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
-                                    "pad_token_id": ENDOFTEXT_ID})
+    dump(
+        "generation_config.json",
+        {
+            "bos_token_id": ENDOFTEXT_ID,
+            "eos_token_id": [IM_END_ID, ENDOFTEXT_ID],
+            "pad_token_id": ENDOFTEXT_ID,
+        },
+    )
     save_file(_weights(cfg), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.json").write_text(_tokenizer_json())
-    dump("tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False,
-        "clean_up_tokenization_spaces": False, "model_max_length": cfg["max_position_embeddings"],
-        "added_tokens_decoder": {
-            str(ENDOFTEXT_ID + i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                    "normalized": False, "single_word": False}
-            for i, t in enumerate(SPECIAL_TOKENS)
+    dump(
+        "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "add_bos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": cfg["max_position_embeddings"],
+            "added_tokens_decoder": {
+                str(ENDOFTEXT_ID + i): {
+                    "content": t,
+                    "special": True,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "single_word": False,
+                }
+                for i, t in enumerate(SPECIAL_TOKENS)
+            },
+            "chat_template": CHAT_TEMPLATE,
         },
-        "chat_template": CHAT_TEMPLATE,
-    })
+    )
 
 
 def build_model(name: str, out_dir: Path | None = None, force: bool = False) -> Path:
@@ -174,9 +248,13 @@ def build_model(name: str, out_dir: Path | None = None, force: bool = False) -> 
     workers) neither collide nor ever see a half-written folder (`model_cache.publish_folder`).
     """
     if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; expected one of {sorted(BUILTIN_MODELS)}")
+        raise ValueError(
+            f"unknown built-in model {name!r}; expected one of {sorted(BUILTIN_MODELS)}"
+        )
     target = Path(out_dir) if out_dir is not None else cache_dir() / name
-    return publish_folder(target, _stamp(name), lambda folder: _write_folder(name, folder), force=force)
+    return publish_folder(
+        target, _stamp(name), lambda folder: _write_folder(name, folder), force=force
+    )
 
 
 def _stamp(name: str) -> dict:
@@ -205,15 +283,19 @@ def resolve_model(model: str | Path) -> Path:
         return path
     if path.is_file() and path.suffix == ".gguf":
         return converted_folder(path)
-    raise UnknownModelError(f"model {str(model)!r} is neither a built-in model name "
-                            f"({', '.join([SMOLLM2, *BUILTIN_MODELS])}), an existing directory (an HF checkpoint "
-                            "folder with config.json and weights) nor a .gguf file")
+    raise UnknownModelError(
+        f"model {str(model)!r} is neither a built-in model name "
+        f"({', '.join([SMOLLM2, *BUILTIN_MODELS])}), an existing directory (an HF checkpoint "
+        "folder with config.json and weights) nor a .gguf file"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     """The CLI: build the named (default: all) built-in models and print each folder and its build time."""
     parser = argparse.ArgumentParser(description="Build the built-in default models.")
-    parser.add_argument("names", nargs="*", help=f"models to build (default: all of {', '.join(BUILTIN_MODELS)})")
+    parser.add_argument(
+        "names", nargs="*", help=f"models to build (default: all of {', '.join(BUILTIN_MODELS)})"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when already built")
     parser.add_argument("--out", type=Path, help="build into OUT/<name> instead of the cache")
     args = parser.parse_args(argv)

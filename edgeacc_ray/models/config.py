@@ -1,4 +1,5 @@
 """Model shape read from an HF config.json, for the architectures the native engine runs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +7,12 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "Qwen2ForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+)
 
 
 @dataclass
@@ -30,10 +36,14 @@ class ModelArgs:
     def from_hf_config(cls, cfg: Any) -> "ModelArgs":
         arch = (getattr(cfg, "architectures", None) or ["?"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported model architecture {arch!r}; the native engine runs "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)} (use the sglang backend for others)")
+            raise ValueError(
+                f"unsupported model architecture {arch!r}; the native engine runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} (use the sglang backend for others)"
+            )
         if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}; only 'silu' is implemented")
+            raise ValueError(
+                f"unsupported hidden_act {cfg.hidden_act!r}; only 'silu' is implemented"
+            )
         heads = cfg.num_attention_heads
         return cls(
             architecture=arch,
@@ -59,7 +69,7 @@ class ModelArgs:
         if rope_type == "default":
             theta = params.get("rope_theta", getattr(self.hf_config, "rope_theta", 10000.0))
             dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim
-            return 1.0 / (theta ** dims), 1.0
+            return 1.0 / (theta**dims), 1.0
         if rope_type == "dynamic":
             raise ValueError("dynamic RoPE scaling is not supported by the native engine")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

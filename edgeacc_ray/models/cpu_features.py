@@ -2,6 +2,7 @@
 whether oneDNN can pre-pack bf16 weights. Without native bf16 (AVX2-only x86, for example) torch
 converts every bf16 GEMM element by element: measured on an AVX2 EPYC, one thread, 64 x 576 x 1536,
 bf16 ran at 9 GFLOP/s against fp32's 78, so there the model runs in float32."""
+
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,10 @@ import platform
 # Native bf16 multiply: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
 BF16_COMPUTE_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # oneDNN's bf16 weight reorder (`mkldnn._reorder_linear_weight`) refuses to run without these.
-BF16_PACK_FLAG_SETS = (frozenset({"avx512bw", "avx512vl", "avx512dq"}), frozenset({"avx_ne_convert"}))
+BF16_PACK_FLAG_SETS = (
+    frozenset({"avx512bw", "avx512vl", "avx512dq"}),
+    frozenset({"avx_ne_convert"}),
+)
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ is chosen when the folder is loaded, as for any checkpoint.
 llama.cpp's converter reorders the rows of Llama's q/k projections (interleaved RoPE pairs instead
 of HF's rotate-half halves); that is undone here. Qwen2/Qwen3 files are stored unpermuted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,22 +23,39 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 from edgeacc_ray.models.gguf_metadata import GGUFError, GGUFMetadata, UnsupportedGGUFError
 from edgeacc_ray.models.gguf_tokenizer import tokenizer_config, tokenizer_json
+from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 
-CONVERT_VERSION = 1  # bump when the conversion changes: converted folders of another version are redone
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+CONVERT_VERSION = (
+    1  # bump when the conversion changes: converted folders of another version are redone
+)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 Q = gguf.GGMLQuantizationType
 TENSOR_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 SHARD_BYTES = 4 << 30  # weights above this are split over several safetensors files
 
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 _TENSOR_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
 _ROPE_SCALING = ("none", "linear", "yarn")
@@ -48,19 +66,29 @@ def hf_name(name: str) -> str:
     match = _TENSOR_NAME.match(name)
     if match is not None:
         layer, base, kind = match.groups()
-        table, prefix = (_LAYER_NAMES, f"model.layers.{layer}.") if layer is not None else (_GLOBAL_NAMES, "")
+        table, prefix = (
+            (_LAYER_NAMES, f"model.layers.{layer}.") if layer is not None else (_GLOBAL_NAMES, "")
+        )
         if base in table:
             return f"{prefix}{table[base]}.{kind}"
-    raise UnsupportedGGUFError("tensor", name, tuple(_GLOBAL_NAMES) + tuple(f"blk.N.{n}" for n in _LAYER_NAMES))
+    raise UnsupportedGGUFError(
+        "tensor", name, tuple(_GLOBAL_NAMES) + tuple(f"blk.N.{n}" for n in _LAYER_NAMES)
+    )
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's Llama q/k row order: per head, rows (2i, 2i+1) go back to (i, i + head_dim/2)."""
     rows = weight.shape[0]
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
 
 
-def hf_config(meta: GGUFMetadata, tensors: dict[str, gguf.ReaderTensor], dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    meta: GGUFMetadata, tensors: dict[str, gguf.ReaderTensor], dtype: torch.dtype
+) -> dict[str, Any]:
     """config.json for the file's model, with HF's field names for its architecture."""
     if meta.arch not in ARCHITECTURES:
         raise UnsupportedGGUFError("architecture", meta.arch, tuple(ARCHITECTURES))
@@ -69,21 +97,33 @@ def hf_config(meta: GGUFMetadata, tensors: dict[str, gguf.ReaderTensor], dtype: 
     head_dim = int(meta.get(".attention.key_length", hidden // heads))
     rope_dims = int(meta.get(".rope.dimension_count", head_dim))
     if rope_dims != head_dim:
-        raise UnsupportedGGUFError("rope.dimension_count", str(rope_dims), (f"{head_dim} (RoPE on the whole head)",))
+        raise UnsupportedGGUFError(
+            "rope.dimension_count", str(rope_dims), (f"{head_dim} (RoPE on the whole head)",)
+        )
     vocab = int(_hf_shape(tensors["token_embd.weight"])[0])
     context = int(meta.require(".context_length"))
     ids = {key: meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding")}
     config = {
-        "architectures": [ARCHITECTURES[meta.arch]], "model_type": meta.arch,
-        "torch_dtype": str(dtype).removeprefix("torch."), "vocab_size": vocab, "hidden_size": hidden,
+        "architectures": [ARCHITECTURES[meta.arch]],
+        "model_type": meta.arch,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": vocab,
+        "hidden_size": hidden,
         "intermediate_size": int(meta.require(".feed_forward_length")),
-        "num_hidden_layers": int(meta.require(".block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(".attention.head_count_kv", heads)), "head_dim": head_dim,
-        "max_position_embeddings": context, "hidden_act": "silu",
+        "num_hidden_layers": int(meta.require(".block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(".attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "max_position_embeddings": context,
+        "hidden_act": "silu",
         "rms_norm_eps": _f32(meta.require(".attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta.get(".rope.freq_base", 10000.0)), "rope_scaling": _rope_scaling(meta, context),
-        "tie_word_embeddings": "output.weight" not in tensors, "attention_dropout": 0.0,
-        "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["padding"],
+        "rope_theta": _f32(meta.get(".rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(meta, context),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_dropout": 0.0,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["padding"],
     }
     if meta.arch == "llama":
         config |= {"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False}
@@ -96,19 +136,31 @@ def generation_config(meta: GGUFMetadata) -> dict[str, Any]:
     """generation_config.json: bos, pad, and every end token the file names (eos, end of turn/message)."""
     ends = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
     ends = list(dict.fromkeys(e for e in ends if e is not None))
-    return {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": ends[0] if len(ends) == 1 else ends,
-            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    return {
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": ends[0] if len(ends) == 1 else ends,
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
 
 
-def hf_weights(meta: GGUFMetadata, tensors: dict[str, gguf.ReaderTensor], config: dict[str, Any],
-               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(
+    meta: GGUFMetadata,
+    tensors: dict[str, gguf.ReaderTensor],
+    config: dict[str, Any],
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor dequantized to `dtype`, under its HF name and shape, in file order."""
     for name, tensor in tensors.items():
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=True)
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(
+            np.float32, copy=True
+        )
         weight = torch.from_numpy(values).reshape(_hf_shape(tensor))
         if meta.arch == "llama" and re.search(r"\.attn_[qk]\.", name):
-            heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+            heads = (
+                config["num_attention_heads"]
+                if ".attn_q." in name
+                else config["num_key_value_heads"]
+            )
             weight = unpermute_qk(weight, heads)
         yield hf_name(name), weight.to(dtype)
 
@@ -124,8 +176,11 @@ def convert_gguf(path: str | Path, folder: Path) -> None:
     config = hf_config(meta, tensors, dtype)
     for name, tensor in tensors.items():  # fail before any work: an unknown name raises here too
         if tensor.tensor_type not in TENSOR_TYPES:
-            raise UnsupportedGGUFError("tensor type", f"{tensor.tensor_type.name} ({name})",
-                                       tuple(t.name for t in TENSOR_TYPES))
+            raise UnsupportedGGUFError(
+                "tensor type",
+                f"{tensor.tensor_type.name} ({name})",
+                tuple(t.name for t in TENSOR_TYPES),
+            )
         hf_name(name)
 
     def dump(filename: str, obj: dict[str, Any]) -> None:
@@ -143,7 +198,12 @@ def converted_folder(path: str | Path) -> Path:
     path, size and modification time, so an edited or replaced file is converted again."""
     path = Path(path).expanduser().resolve()
     st = path.stat()
-    stamp = {"source": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": CONVERT_VERSION}
+    stamp = {
+        "source": str(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "version": CONVERT_VERSION,
+    }
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if is_stamped(folder, stamp):
@@ -169,14 +229,18 @@ def _rope_scaling(meta: GGUFMetadata, context: int) -> dict[str, Any] | None:
         return None
     scaling = {"rope_type": kind, "factor": _f32(meta.require(".rope.scaling.factor"))}
     if kind == "yarn":
-        scaling["original_max_position_embeddings"] = int(meta.get(".rope.scaling.original_context_length", context))
+        scaling["original_max_position_embeddings"] = int(
+            meta.get(".rope.scaling.original_context_length", context)
+        )
     return scaling
 
 
 def _storage_dtype(tensors: dict[str, gguf.ReaderTensor]) -> torch.dtype:
     """float32 or float16 when every matrix is stored so (lossless); bfloat16 for quantized files."""
     types = {t.tensor_type for t in tensors.values() if len(t.shape) > 1}
-    return {frozenset({Q.F32}): torch.float32, frozenset({Q.F16}): torch.float16}.get(frozenset(types), torch.bfloat16)
+    return {frozenset({Q.F32}): torch.float32, frozenset({Q.F16}): torch.float16}.get(
+        frozenset(types), torch.bfloat16
+    )
 
 
 def _shards(tensors: dict[str, gguf.ReaderTensor], dtype: torch.dtype) -> list[list[str]]:
@@ -194,10 +258,15 @@ def _shards(tensors: dict[str, gguf.ReaderTensor], dtype: torch.dtype) -> list[l
     return shards
 
 
-def _save_weights(weights: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], folder: Path) -> None:
+def _save_weights(
+    weights: Iterator[tuple[str, torch.Tensor]], shards: list[list[str]], folder: Path
+) -> None:
     """Write the weights shard by shard (one shard in memory at a time), with an index when several."""
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     total = 0
     for filename, shard in zip(names, shards):

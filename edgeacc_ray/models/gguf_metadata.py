@@ -1,4 +1,5 @@
 """A GGUF file's key/value metadata as plain Python values, and the errors a GGUF file can raise."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,11 @@ class GGUFMetadata:
     """The file's metadata keys (`general.architecture`, `llama.block_count`, ...) read once."""
 
     def __init__(self, reader: gguf.GGUFReader) -> None:
-        self.values: dict[str, Any] = {name: field.contents() for name, field in reader.fields.items()
-                                       if not name.startswith("GGUF.")}
+        self.values: dict[str, Any] = {
+            name: field.contents()
+            for name, field in reader.fields.items()
+            if not name.startswith("GGUF.")
+        }
         self.arch: str = self.require("general.architecture")
 
     def get(self, key: str, default: Any = None) -> Any:

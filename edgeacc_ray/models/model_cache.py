@@ -5,6 +5,7 @@ under a file lock in a temporary sibling that is renamed into place when complet
 sees a half-written folder and the work happens once. A stamp file, written last, records what the
 folder was made from (recipe version, source): a folder whose stamp differs is made again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,9 @@ def is_stamped(folder: Path, stamp: dict[str, Any]) -> bool:
         return False
 
 
-def publish_folder(target: Path, stamp: dict[str, Any], write: Callable[[Path], None], force: bool = False) -> Path:
+def publish_folder(
+    target: Path, stamp: dict[str, Any], write: Callable[[Path], None], force: bool = False
+) -> Path:
     """Return `target`, first filling it with `write(tmp)` unless it already carries `stamp` (or `force`).
 
     `write` gets an empty temporary folder next to `target`; stamped, it is renamed into place

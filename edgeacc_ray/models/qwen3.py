@@ -9,6 +9,7 @@ teacher-forced KL to float32 1.1e-3 -> 6.3e-4, HF's bf16: 1.06e-3; benchmarks/pr
 norms read the stream in float32 and round once, to the compute dtype; no measurable cost (the
 float32 norm runs torch's fused kernel).
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,31 +37,45 @@ class Attention(nn.Module):
         self.args = args
         d = args.head_dim
         self.q_size, self.kv_size = args.num_heads * d, args.num_kv_heads * d
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                workspace: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        workspace: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         a = self.args
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
-        qk = qkv[:, :qk_size].view(-1, a.num_heads + a.num_kv_heads, a.head_dim)  # q and k heads, normed
-        v = qkv[:, qk_size:].view(-1, a.num_kv_heads, a.head_dim)                 # and rotated together
+        qk = qkv[:, :qk_size].view(
+            -1, a.num_heads + a.num_kv_heads, a.head_dim
+        )  # q and k heads, normed
+        v = qkv[:, qk_size:].view(-1, a.num_kv_heads, a.head_dim)  # and rotated together
         if self.q_norm is not None:
             qk = F.rms_norm(qk, (a.head_dim,), None, a.rms_norm_eps) * self._qk_norm_weight()
         q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)
-        out = paged_attention(q, k, v, kv_cache, workspace, meta, a.head_dim ** -0.5)
+        out = paged_attention(q, k, v, kv_cache, workspace, meta, a.head_dim**-0.5)
         return self.o_proj(out)
-
 
     def _qk_norm_weight(self) -> torch.Tensor:
         """[H + Hkv, D]: q_norm's weight for the q heads, k_norm's for the k heads (built once)."""
         if getattr(self, "_qk_weight", None) is None:
             a = self.args
-            self._qk_weight = torch.cat([self.q_norm.weight.expand(a.num_heads, -1),
-                                         self.k_norm.weight.expand(a.num_kv_heads, -1)])
+            self._qk_weight = torch.cat(
+                [
+                    self.q_norm.weight.expand(a.num_heads, -1),
+                    self.k_norm.weight.expand(a.num_kv_heads, -1),
+                ]
+            )
         return self._qk_weight
 
 
@@ -83,8 +98,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                workspace: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        workspace: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """x [T, hidden] is the float32 residual stream; attention and MLP compute in cos/sin's dtype."""
         dtype = cos.dtype
         x = x + self.self_attn(self.input_layernorm(x, dtype), cos, sin, kv_cache, workspace, meta)
@@ -115,13 +137,24 @@ class CausalLM(nn.Module):
     def cast(self, dtype: torch.dtype) -> "CausalLM":
         """Weights in `dtype`, except the residual stream's norms: float32, like the stream."""
         self.to(dtype)
-        for norm in [self.model.norm, *(n for layer in self.model.layers
-                                         for n in (layer.input_layernorm, layer.post_attention_layernorm))]:
+        for norm in [
+            self.model.norm,
+            *(
+                n
+                for layer in self.model.layers
+                for n in (layer.input_layernorm, layer.post_attention_layernorm)
+            ),
+        ]:
             norm.float()
         return self
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         embeddings = self.model.embed_tokens(input_ids)
         dtype = embeddings.dtype
         cos, sin = self.rope(positions, dtype)
@@ -134,7 +167,9 @@ class CausalLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.rope_scaling

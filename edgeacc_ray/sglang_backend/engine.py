@@ -11,6 +11,7 @@ Placement: a colocated engine is SGLang's `RayEngine`, whose TP ranks are Ray ac
 in the replica's placement group; a semi_pd engine is the plain `Engine` on the fraction of one GPU
 Ray gave the replica (its scheduler is a subprocess that inherits CUDA_VISIBLE_DEVICES).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,10 +22,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request import LatencyMetrics
-from edgeacc_ray.engine.request import EngineStats, RequestOutput
-from edgeacc_ray.engine.request import SamplingParams
+from edgeacc_ray.engine.request import (
+    EngineOverloaded,
+    EngineStats,
+    EngineUnavailable,
+    InvalidRequest,
+    LatencyMetrics,
+    RequestOutput,
+    SamplingParams,
+)
 from edgeacc_ray.sglang_backend.outputs import SGLangStream
 from edgeacc_ray.sglang_backend.pd_messages import BootstrapAddress, PrefillRequest
 from edgeacc_ray.sglang_backend.requests import logprob_args, sampling_params
@@ -70,15 +76,25 @@ class PrefillLink(Protocol):
 class SGLangEngine:
     """One SGLang engine of a replica, in `role` colocated, prefill or decode (with `prefill` its link)."""
 
-    def __init__(self, cfg: "ServeConfig", model_path: str, role: Role, *, rank_bundles: list[int] | None = None,
-                 bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT, prefill: PrefillLink | None = None) -> None:
+    def __init__(
+        self,
+        cfg: "ServeConfig",
+        model_path: str,
+        role: Role,
+        *,
+        rank_bundles: list[int] | None = None,
+        bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT,
+        prefill: PrefillLink | None = None,
+    ) -> None:
         """`rank_bundles`: the placement-group bundles (one GPU each) of the TP ranks, for `RayEngine`;
         None: the plain Engine on this process's own GPU share."""
         self.config, self.role, self._prefill = cfg, role, prefill
         self._engine_class = sglang_engine_class(rank_bundles is not None)
         kwargs = server_args(cfg, model_path, role, bootstrap_port)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="edgeacc-sglang", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="edgeacc-sglang", daemon=True
+        )
         self._thread.start()
         self._running = True
         self._loads: list[Any] = []
@@ -104,14 +120,23 @@ class SGLangEngine:
             return self._engine_class(**kwargs)
         import ray
 
-        os.environ["SGLANG_RAY_BUNDLE_INDICES"] = ",".join(map(str, rank_bundles))  # read by RayEngine's launch
+        os.environ["SGLANG_RAY_BUNDLE_INDICES"] = ",".join(
+            map(str, rank_bundles)
+        )  # read by RayEngine's launch
         return self._engine_class(placement_group=ray.util.get_current_placement_group(), **kwargs)
 
     def _model_info(self, model_path: str) -> dict[str, Any]:
         tm = self.engine.tokenizer_manager
-        return dict(model_path=model_path, max_model_len=int(tm.context_len), vocab_size=tm.model_config.vocab_size,
-                    page_size=self.config.page_size, device="cuda", backend="sglang", role=self.role,
-                    tensor_parallel_size=self.config.tensor_parallel_size)
+        return dict(
+            model_path=model_path,
+            max_model_len=int(tm.context_len),
+            vocab_size=tm.model_config.vocab_size,
+            page_size=self.config.page_size,
+            device="cuda",
+            backend="sglang",
+            role=self.role,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+        )
 
     async def _poll_loads(self) -> None:
         """Keep the scheduler's latest load snapshot (SGLang >= 0.5.x `get_loads`; older: none, and stats
@@ -124,9 +149,15 @@ class SGLangEngine:
                 logger.debug("SGLang load snapshot failed: %s", exc)
             await asyncio.sleep(LOAD_POLL_S)
 
-    async def _pump(self, request: dict[str, Any], stream: SGLangStream, caller: asyncio.AbstractEventLoop,
-                    outbox: asyncio.Queue) -> None:
+    async def _pump(
+        self,
+        request: dict[str, Any],
+        stream: SGLangStream,
+        caller: asyncio.AbstractEventLoop,
+        outbox: asyncio.Queue,
+    ) -> None:
         """Feed one request's chunks (or its typed error) to the caller's loop."""
+
         def put(item: RequestOutput | BaseException) -> None:
             caller.call_soon_threadsafe(outbox.put_nowait, item)
 
@@ -135,28 +166,46 @@ class SGLangEngine:
                 put(stream.chunk(item))
         except (InvalidRequest, EngineUnavailable) as exc:  # SGLang answered with an abort status
             put(exc)
-        except ValueError as exc:  # TokenizerManager's refusal of a request: its message is for the client
+        except (
+            ValueError
+        ) as exc:  # TokenizerManager's refusal of a request: its message is for the client
             put(InvalidRequest("request", str(exc), code="sglang_rejected"))
         except Exception as exc:  # noqa: BLE001 - EngineService logs it and answers EngineUnavailable
             put(exc)
 
     # ---- the engine interface ------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
         """Stream a request's output; leaving early aborts it in SGLang (and its prefill, under semi_pd)."""
         if not self.is_alive():
             raise EngineUnavailable("the SGLang engine has stopped")
-        request: dict[str, Any] = dict(input_ids=list(prompt_token_ids), sampling_params=sampling_params(params),
-                                       rid=request_id, stream=True, **logprob_args(params))
+        request: dict[str, Any] = dict(
+            input_ids=list(prompt_token_ids),
+            sampling_params=sampling_params(params),
+            rid=request_id,
+            stream=True,
+            **logprob_args(params),
+        )
         arrival, first, previous = time.monotonic(), None, None
         if self._prefill is not None:
             prefill = PrefillRequest(request_id, request["input_ids"], request["sampling_params"])
             address = await self._prefill.start(prefill)
-            request.update(bootstrap_host=address.host, bootstrap_port=address.port, bootstrap_room=prefill.room)
+            request.update(
+                bootstrap_host=address.host,
+                bootstrap_port=address.port,
+                bootstrap_room=prefill.room,
+            )
         outbox: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         pump = asyncio.run_coroutine_threadsafe(
-            self._pump(request, SGLangStream(request_id, params.stop_token_ids), asyncio.get_running_loop(), outbox),
-            self._loop)
+            self._pump(
+                request,
+                SGLangStream(request_id, params.stop_token_ids),
+                asyncio.get_running_loop(),
+                outbox,
+            ),
+            self._loop,
+        )
         self._in_flight += 1
         out: RequestOutput | None = None
         try:
@@ -186,9 +235,15 @@ class SGLangEngine:
     async def run_prefill(self, request: PrefillRequest, address: BootstrapAddress) -> None:
         """semi_pd, prefill side: compute the prompt's KV for the decode engine that names the same room.
         Cancelling (the decode side gave up on the request) aborts it here."""
-        args = dict(input_ids=request.prompt_token_ids, sampling_params=request.sampling, rid=request.request_id,
-                    stream=False, bootstrap_host=address.host, bootstrap_port=address.port,
-                    bootstrap_room=request.room)
+        args = dict(
+            input_ids=request.prompt_token_ids,
+            sampling_params=request.sampling,
+            rid=request.request_id,
+            stream=False,
+            bootstrap_host=address.host,
+            bootstrap_port=address.port,
+            bootstrap_room=request.room,
+        )
         done = asyncio.run_coroutine_threadsafe(self.engine.async_generate(**args), self._loop)
         try:
             await asyncio.wrap_future(done)
@@ -217,12 +272,23 @@ class SGLangEngine:
         used_tokens = sum(load.num_used_tokens for load in loads)
         running = sum(load.num_running_reqs for load in loads) if loads else self._in_flight
         return EngineStats(
-            num_running=running, num_waiting=sum(load.num_waiting_reqs for load in loads),
-            num_free_pages=(total_tokens - used_tokens) // page, num_total_pages=total_tokens // page, page_size=page,
-            num_cached_pages=0, prompt_tokens_total=c["prompt"], generation_tokens_total=c["generated"],
-            cached_prompt_tokens_total=c["cached"], requests_finished_total=c["finished"],
-            requests_aborted_total=c["aborted"], pd_mode=self.config.pd_mode, latency=self.latency.snapshot(),
-            running_bound=self.config.max_num_seqs, reserved_pages=used_tokens // page, rejected_total=c["rejected"])
+            num_running=running,
+            num_waiting=sum(load.num_waiting_reqs for load in loads),
+            num_free_pages=(total_tokens - used_tokens) // page,
+            num_total_pages=total_tokens // page,
+            page_size=page,
+            num_cached_pages=0,
+            prompt_tokens_total=c["prompt"],
+            generation_tokens_total=c["generated"],
+            cached_prompt_tokens_total=c["cached"],
+            requests_finished_total=c["finished"],
+            requests_aborted_total=c["aborted"],
+            pd_mode=self.config.pd_mode,
+            latency=self.latency.snapshot(),
+            running_bound=self.config.max_num_seqs,
+            reserved_pages=used_tokens // page,
+            rejected_total=c["rejected"],
+        )
 
     def flush_cache(self) -> bool:
         """Drop SGLang's prefix cache (refused by SGLang while requests run)."""

@@ -17,13 +17,19 @@ concatenated, logprob lists joined, the rest from the last). A finish_reason of 
 status (`_handle_abort_finish_reason`: a refused request, the queue full) is a typed error here; one
 without a status is an abort we asked for.
 """
+
 from __future__ import annotations
 
 from http import HTTPStatus
 from typing import Any, Mapping
 
-from edgeacc_ray.engine.request import EngineOverloaded, EngineUnavailable, InvalidRequest
-from edgeacc_ray.engine.request import RequestOutput, TokenLogprob
+from edgeacc_ray.engine.request import (
+    EngineOverloaded,
+    EngineUnavailable,
+    InvalidRequest,
+    RequestOutput,
+    TokenLogprob,
+)
 
 OVERLOAD_STATUSES = frozenset({HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.SERVICE_UNAVAILABLE})
 OVERLOAD_RETRY_AFTER_S = 1  # SGLang says nothing about when: retry soon
@@ -35,8 +41,12 @@ def abort_error(reason: Mapping[str, Any]) -> Exception | None:
     if status is None:
         return None
     status = int(status)
-    if status in OVERLOAD_STATUSES:  # "The request queue is full." (Scheduler._abort_on_queued_limit): 503
-        return EngineOverloaded(message, retry_after_s=OVERLOAD_RETRY_AFTER_S, code="sglang_overloaded")
+    if (
+        status in OVERLOAD_STATUSES
+    ):  # "The request queue is full." (Scheduler._abort_on_queued_limit): 503
+        return EngineOverloaded(
+            message, retry_after_s=OVERLOAD_RETRY_AFTER_S, code="sglang_overloaded"
+        )
     if HTTPStatus.BAD_REQUEST <= status < HTTPStatus.INTERNAL_SERVER_ERROR:
         return InvalidRequest("request", message, code="sglang_rejected")
     return EngineUnavailable(message, code="sglang_error")
@@ -47,9 +57,14 @@ def _logprobs(meta: Mapping[str, Any]) -> list[TokenLogprob] | None:
     if chosen is None:
         return None
     top = meta.get("output_top_logprobs") or [None] * len(chosen)
-    return [TokenLogprob(token_id=int(token), logprob=float(logprob),
-                         top=[(int(t), float(lp)) for lp, t, *_ in (alternatives or [])])
-            for (logprob, token, *_), alternatives in zip(chosen, top)]
+    return [
+        TokenLogprob(
+            token_id=int(token),
+            logprob=float(logprob),
+            top=[(int(t), float(lp)) for lp, t, *_ in (alternatives or [])],
+        )
+        for (logprob, token, *_), alternatives in zip(chosen, top)
+    ]
 
 
 class SGLangStream:
@@ -73,10 +88,17 @@ class SGLangStream:
             elif finish_reason == "stop":
                 stop_reason = self._stop_reason(reason.get("matched"))
         return RequestOutput(
-            request_id=self.request_id, token_ids=list(item.get("output_ids") or []), text=item.get("text") or "",
-            finished=reason is not None, finish_reason=finish_reason, stop_reason=stop_reason,
-            logprobs=_logprobs(meta), num_prompt_tokens=int(meta.get("prompt_tokens", 0)),
-            num_cached_tokens=int(meta.get("cached_tokens", 0)), num_output_tokens=int(meta.get("completion_tokens", 0)))
+            request_id=self.request_id,
+            token_ids=list(item.get("output_ids") or []),
+            text=item.get("text") or "",
+            finished=reason is not None,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            logprobs=_logprobs(meta),
+            num_prompt_tokens=int(meta.get("prompt_tokens", 0)),
+            num_cached_tokens=int(meta.get("cached_tokens", 0)),
+            num_output_tokens=int(meta.get("completion_tokens", 0)),
+        )
 
     def _stop_reason(self, matched: Any) -> str | int | None:
         """As the native engine reports it: the stop string, or the stop token the request named; None

@@ -2,6 +2,7 @@
 pairs the two halves of a request by a bootstrap address (the prefill engine's host and
 --disaggregation-bootstrap-port) and a room number both engines are given; the KV itself moves between
 the engines (mooncake / nixl), never through Ray."""
+
 from __future__ import annotations
 
 import random

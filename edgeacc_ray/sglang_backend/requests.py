@@ -5,13 +5,17 @@ arguments of `Engine.async_generate` (return_logprob, top_logprobs_num, logprob_
 `n` never reaches the engine side: the Ingress starts one engine request per choice, so each SGLang
 request is sent with n = 1.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from edgeacc_ray.engine.request import InvalidRequest
-from edgeacc_ray.engine.request import SamplingParams
-from edgeacc_ray.engine.request import ANY_JSON_SCHEMA, StructuredOutput
+from edgeacc_ray.engine.request import (
+    ANY_JSON_SCHEMA,
+    InvalidRequest,
+    SamplingParams,
+    StructuredOutput,
+)
 
 TOP_K_ALL = -1  # SGLang: -1 (normalized to its TOP_K_ALL) samples from the whole vocabulary
 NO_PROMPT_LOGPROBS = -1  # logprob_start_len: the prompt's logprobs are not computed
@@ -28,7 +32,9 @@ def grammar_fields(so: StructuredOutput) -> dict[str, str]:
         return {"regex": so.spec}
     if so.kind in ("ebnf", "lark"):
         return {"ebnf": so.spec}
-    raise InvalidRequest("structured", f"structured output of kind {so.kind!r} is not supported by SGLang")
+    raise InvalidRequest(
+        "structured", f"structured output of kind {so.kind!r} is not supported by SGLang"
+    )
 
 
 def sampling_params(params: SamplingParams) -> dict[str, Any]:
@@ -64,7 +70,13 @@ def logprob_args(params: SamplingParams) -> dict[str, Any]:
     """`async_generate`'s logprob arguments: the chosen token's logprob (and the top k) of each output token.
     Prompt logprobs are refused: SGLang's input logprobs are not carried back into our outputs here."""
     if params.prompt_logprobs is not None:
-        raise InvalidRequest("prompt_logprobs", "prompt logprobs are not supported with the SGLang engine backend")
+        raise InvalidRequest(
+            "prompt_logprobs", "prompt logprobs are not supported with the SGLang engine backend"
+        )
     if params.logprobs is None:
         return {"return_logprob": False}
-    return {"return_logprob": True, "top_logprobs_num": params.logprobs, "logprob_start_len": NO_PROMPT_LOGPROBS}
+    return {
+        "return_logprob": True,
+        "top_logprobs_num": params.logprobs,
+        "logprob_start_len": NO_PROMPT_LOGPROBS,
+    }

@@ -1,5 +1,6 @@
 """Process-level CPU settings for the engine: torch threads, glibc's allocator, core pinning and
 scheduling priority (Ray starts actors at a lower priority)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -51,8 +52,12 @@ def restore_priority() -> None:
     lower niceness (root or CAP_SYS_NICE); without it the process keeps Ray's value."""
     try:
         if os.getpriority(os.PRIO_PROCESS, 0) > 0:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)  # Linux: this thread; threads started later inherit it
+            os.setpriority(
+                os.PRIO_PROCESS, 0, 0
+            )  # Linux: this thread; threads started later inherit it
     except OSError as exc:
         logging.getLogger("ray.serve").warning(
             "this process stays at Ray's worker niceness (%s); set RAY_worker_niceness=0 before "
-            "`ray start`/`serve run` to avoid it", exc)
+            "`ray start`/`serve run` to avoid it",
+            exc,
+        )

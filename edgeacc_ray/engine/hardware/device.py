@@ -4,6 +4,7 @@ and `attention_backend` are resolved, so the engine, the prefill process and the
 CUDA adds nothing the CPU path needs: CPU behaviour (threads, packed linears, the decode workspace)
 is decided from the resolved device, never from what is installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,14 +35,17 @@ def resolve_device(setting: str, cuda_present: bool | None = None) -> Device:
     if setting == "auto":
         return "cuda" if present else "cpu"
     if setting == "cuda" and not present:
-        raise DeviceUnavailable("device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        raise DeviceUnavailable(
+            "device='cuda' but torch sees no CUDA GPU (torch.cuda.is_available() is False)"
+        )
     if setting not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda; got {setting!r}")
     return setting  # type: ignore[return-value]
 
 
-def resolve_attention(setting: str, device: Device, flashinfer_present: bool | None = None
-                      ) -> Literal["torch", "flashinfer"]:
+def resolve_attention(
+    setting: str, device: Device, flashinfer_present: bool | None = None
+) -> Literal["torch", "flashinfer"]:
     """flashinfer only on CUDA: auto takes it when it imports; asking for it without it is an error."""
     present = flashinfer_available() if flashinfer_present is None else flashinfer_present
     if device != "cuda":
@@ -49,7 +53,9 @@ def resolve_attention(setting: str, device: Device, flashinfer_present: bool | N
             raise DeviceUnavailable("attention_backend='flashinfer' needs device='cuda'")
         return "torch"
     if setting == "flashinfer" and not present:
-        raise DeviceUnavailable("attention_backend='flashinfer' but flashinfer does not import here")
+        raise DeviceUnavailable(
+            "attention_backend='flashinfer' but flashinfer does not import here"
+        )
     if setting == "auto":
         return "flashinfer" if present else "torch"
     return setting  # type: ignore[return-value]
@@ -65,8 +71,14 @@ class DevicePlan:
     cuda_graphs: bool
 
     @classmethod
-    def resolve(cls, device: str, attention_backend: str = "auto", cuda_graphs: bool = True,
-                cuda_present: bool | None = None, flashinfer_present: bool | None = None) -> "DevicePlan":
+    def resolve(
+        cls,
+        device: str,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = True,
+        cuda_present: bool | None = None,
+        flashinfer_present: bool | None = None,
+    ) -> "DevicePlan":
         dev = resolve_device(device, cuda_present)
         attention = resolve_attention(attention_backend, dev, flashinfer_present)
         return cls(dev, attention, cuda_graphs and dev == "cuda" and attention == "torch")

@@ -7,6 +7,7 @@ until a new allocation needs them; the least recently released goes first. With 
 (`take_reused_pages`, at their second use: a page read once is never worth sending), and takes in
 pages the tier brought back (`attach`).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict, deque
@@ -26,14 +27,21 @@ class ReusedPages:
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 record_reused_pages: bool = False) -> None:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        enable_prefix_caching: bool = True,
+        record_reused_pages: bool = False,
+    ) -> None:
         """`record_reused_pages`: list cached pages at their first reuse for `take_reused_pages`."""
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.reused_pages: list[ReusedPages] | None = [] if record_reused_pages else None
-        self.listed = [False] * num_pages  # listed for the tier (or came from it) in this stay under its key
+        self.listed = [
+            False
+        ] * num_pages  # listed for the tier (or came from it) in this stay under its key
         self.ref_count = [0] * num_pages
         self.key_of_page: list[bytes | None] = [None] * num_pages
         self.page_of_key: dict[bytes, int] = {}
@@ -77,7 +85,9 @@ class BlockManager:
             run.keys.append(key)
             run.pages.append(page)
         seq.num_computed_tokens = len(seq.page_table) * size
-        if seq.num_output_tokens == 0:  # a preempted sequence keeps the count of its first admission
+        if (
+            seq.num_output_tokens == 0
+        ):  # a preempted sequence keeps the count of its first admission
             seq.num_cached_tokens = seq.num_computed_tokens
             seq.num_host_cached_tokens = 0
 
@@ -96,7 +106,9 @@ class BlockManager:
             return
         size = self.page_size
         start, end = len(seq.page_keys), seq.num_computed_tokens // size
-        for index, key in enumerate(full_page_keys(seq.token_ids, size, start, end, seq.last_page_key), start):
+        for index, key in enumerate(
+            full_page_keys(seq.token_ids, size, start, end, seq.last_page_key), start
+        ):
             seq.page_keys.append(key)
             page = seq.page_table[index]
             if key in self.page_of_key or self.key_of_page[page] is not None:

@@ -7,6 +7,7 @@ One allocation, one handle: the tensors are laid out in a single uint8 buffer (s
 control block stays in a small /dev/shm segment: both processes read it every step, and a host word
 costs nothing to read where a device word would synchronize the stream.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeacc_ray.engine.kv.shared_arena import ArenaManifest, SharedArena, TensorSlot, lay_out, slot_view
-from edgeacc_ray.engine.kv.unified_storage import CONTROL, CONTROL_SLOTS, KV_CACHE, _bind, _model_tensors
+from edgeacc_ray.engine.kv.shared_arena import (
+    ArenaManifest,
+    SharedArena,
+    TensorSlot,
+    lay_out,
+    slot_view,
+)
+from edgeacc_ray.engine.kv.unified_storage import (
+    CONTROL,
+    CONTROL_SLOTS,
+    KV_CACHE,
+    _bind,
+    _model_tensors,
+)
 from edgeacc_ray.models.config import ModelArgs
 from edgeacc_ray.models.loader import model_skeleton, read_model_args
 from edgeacc_ray.models.qwen3 import CausalLM
@@ -48,10 +61,26 @@ class CudaIpcHandle:
     def export(cls, storage: torch.UntypedStorage) -> "CudaIpcHandle":
         if storage.device.type != "cuda":
             raise CudaIpcUnavailable(f"only CUDA storage has an IPC handle, not {storage.device}")
-        (device, handle, size_bytes, offset_bytes, ref_handle, ref_offset, event_handle,
-         event_sync) = storage._share_cuda_()
-        return cls(int(device), bytes(handle), int(size_bytes), int(offset_bytes), bytes(ref_handle),
-                   int(ref_offset), bytes(event_handle) if event_handle else b"", bool(event_sync))
+        (
+            device,
+            handle,
+            size_bytes,
+            offset_bytes,
+            ref_handle,
+            ref_offset,
+            event_handle,
+            event_sync,
+        ) = storage._share_cuda_()
+        return cls(
+            int(device),
+            bytes(handle),
+            int(size_bytes),
+            int(offset_bytes),
+            bytes(ref_handle),
+            int(ref_offset),
+            bytes(event_handle) if event_handle else b"",
+            bool(event_sync),
+        )
 
     def open(self) -> torch.UntypedStorage:
         """Map the allocation in this process (cudaIpcOpenMemHandle); the owner's bytes, not a copy."""
@@ -59,8 +88,15 @@ class CudaIpcHandle:
             raise CudaIpcUnavailable("this process sees no CUDA device to map the handle on")
         torch.cuda._lazy_init()
         return torch.UntypedStorage._new_shared_cuda(
-            self.device, self.handle, self.size_bytes, self.offset_bytes, self.ref_counter_handle,
-            self.ref_counter_offset, self.event_handle or None, self.event_sync_required)
+            self.device,
+            self.handle,
+            self.size_bytes,
+            self.offset_bytes,
+            self.ref_counter_handle,
+            self.ref_counter_offset,
+            self.event_handle or None,
+            self.event_sync_required,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,8 +120,9 @@ class CudaArena:
         self.tensors = {name: slot_view(buffer, slot) for name, slot in manifest.slots.items()}
 
     @classmethod
-    def create(cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device | str
-               ) -> "CudaArena":
+    def create(
+        cls, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device | str
+    ) -> "CudaArena":
         slots, nbytes = lay_out(specs, CUDA_ALIGN)
         buffer = torch.zeros(max(nbytes, 1), dtype=torch.uint8, device=device)
         torch.cuda.synchronize(buffer.device)  # the zeros land before any peer maps the buffer
@@ -99,8 +136,10 @@ class CudaArena:
         device = torch.device("cuda", manifest.handle.device)
         raw = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
         if raw.numel() < manifest.nbytes:
-            raise CudaIpcUnavailable(f"{manifest.name}: mapped {raw.numel()} bytes, expected {manifest.nbytes}")
-        return cls(manifest, raw[:manifest.nbytes], owner=False)
+            raise CudaIpcUnavailable(
+                f"{manifest.name}: mapped {raw.numel()} bytes, expected {manifest.nbytes}"
+            )
+        return cls(manifest, raw[: manifest.nbytes], owner=False)
 
     def close(self) -> None:
         """Drop this process's views (a peer's drop closes its IPC mapping; the owner's frees the
@@ -158,8 +197,14 @@ def export_cuda(model: CausalLM, kv_shape: tuple[int, ...]) -> CudaMappedStorage
     _bind(model, {name: arena.tensors[name] for name in tensors})
     torch.cuda.synchronize(device)
     control_arena = SharedArena.create({CONTROL: ((CONTROL_SLOTS,), torch.int64)})
-    return CudaMappedStorage(arena, control_arena, model, model.args, arena.tensors[KV_CACHE],
-                             control_arena.tensors[CONTROL])
+    return CudaMappedStorage(
+        arena,
+        control_arena,
+        model,
+        model.args,
+        arena.tensors[KV_CACHE],
+        control_arena.tensors[CONTROL],
+    )
 
 
 def map_cuda_storage(spec: CudaStorageSpec) -> CudaMappedStorage:
@@ -173,5 +218,6 @@ def map_cuda_storage(spec: CudaStorageSpec) -> CudaMappedStorage:
         raise ValueError(f"arena {spec.name} does not hold the tensors of {spec.model_path}")
     _bind(model, tensors)
     control_arena = SharedArena.attach(spec.control)
-    return CudaMappedStorage(arena, control_arena, model, args, arena.tensors[KV_CACHE],
-                             control_arena.tensors[CONTROL])
+    return CudaMappedStorage(
+        arena, control_arena, model, args, arena.tensors[KV_CACHE], control_arena.tensors[CONTROL]
+    )

@@ -5,6 +5,7 @@ hands the `ArenaManifest` to a peer, which maps the same file (MAP_SHARED): both
 nothing is copied. Segment names carry the creator's pid, so a segment left behind by a process that
 was killed is found and removed by the next owner on the machine (`sweep_stale_segments`).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ SHM_DIR = Path(os.environ.get("EDGEACC_SHM_DIR", "/dev/shm"))
 PREFIX = "edgeacc-arena"
 _ALIGN = 64  # cache-line aligned tensors
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in
-           (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8)}
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8)
+}
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,9 @@ class ArenaManifest:
         return Path(self.path).name
 
 
-def lay_out(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = _ALIGN
-            ) -> tuple[dict[str, TensorSlot], int]:
+def lay_out(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = _ALIGN
+) -> tuple[dict[str, TensorSlot], int]:
     """Place each tensor of `specs` at the next `align`-byte boundary; returns the slots and the total
     size. Shared by this segment and the CUDA arena (engine/kv/cuda_ipc_storage.py)."""
     slots, offset = {}, 0
@@ -65,7 +69,7 @@ def lay_out(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], align: int = 
 
 def slot_view(raw: torch.Tensor, slot: TensorSlot) -> torch.Tensor:
     """The tensor of `slot` inside a flat uint8 buffer (no copy)."""
-    return raw[slot.offset:slot.offset + slot.nbytes].view(_DTYPES[slot.dtype]).view(slot.shape)
+    return raw[slot.offset : slot.offset + slot.nbytes].view(_DTYPES[slot.dtype]).view(slot.shape)
 
 
 class SharedArena:
@@ -75,7 +79,9 @@ class SharedArena:
     def __init__(self, manifest: ArenaManifest, owner: bool) -> None:
         self.manifest = manifest
         self.owner = owner
-        self._bytes = torch.from_file(manifest.path, shared=True, size=manifest.nbytes, dtype=torch.uint8)
+        self._bytes = torch.from_file(
+            manifest.path, shared=True, size=manifest.nbytes, dtype=torch.uint8
+        )
         self.tensors = {name: self._view(slot) for name, slot in manifest.slots.items()}
 
     @classmethod

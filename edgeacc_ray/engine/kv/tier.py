@@ -22,6 +22,7 @@ The store is a Ray actor, so the tier needs a Ray cluster: an engine asked for i
 connected to one (the offline `LLM` without `ray.init()`) refuses to start with `TierUnavailable`
 rather than start a cluster behind its caller's back.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -36,13 +37,16 @@ import ray
 import torch
 
 from edgeacc_ray.engine.kv.block_manager import BlockManager
-from edgeacc_ray.engine.request import HiCacheStats
-from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.request import HiCacheStats, Sequence
 from edgeacc_ray.prefix_keys import full_page_keys
 from kv_store import KVTierClient, ModelIdentity, TierStats
 
-MIN_LOAD_PAGES = 2  # fewer pages are computed: a read costs a store round trip and a step of waiting
-STORE_STATS_PERIOD_S = 5.0  # the store's counters are asked for (off the caller's thread) at most this often
+MIN_LOAD_PAGES = (
+    2  # fewer pages are computed: a read costs a store round trip and a step of waiting
+)
+STORE_STATS_PERIOD_S = (
+    5.0  # the store's counters are asked for (off the caller's thread) at most this often
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -53,8 +57,10 @@ class TierUnavailable(RuntimeError):
 def require_ray() -> None:
     """Raise TierUnavailable unless this process is connected to a Ray cluster."""
     if not ray.is_initialized():
-        raise TierUnavailable("enable_hierarchical_cache needs a Ray cluster (the tier's store is a Ray actor): "
-                              "call ray.init() before starting the engine, or turn the tier off")
+        raise TierUnavailable(
+            "enable_hierarchical_cache needs a Ray cluster (the tier's store is a Ray actor): "
+            "call ray.init() before starting the engine, or turn the tier off"
+        )
 
 
 @dataclass
@@ -89,11 +95,15 @@ def page_shape(kv_cache: torch.Tensor) -> tuple[int, ...]:
 class KVTier:
     """Owns the tier client; touched by the engine's step loop only, except `stats` (any thread)."""
 
-    def __init__(self, client: KVTierClient, block_manager: BlockManager, kv_cache: torch.Tensor) -> None:
+    def __init__(
+        self, client: KVTierClient, block_manager: BlockManager, kv_cache: torch.Tensor
+    ) -> None:
         self.client = client
         self.block_manager = block_manager
         self.kv_cache = kv_cache  # [layers, 2, Hkv, num_pages, page_size, D]
-        self.notify: Callable[[], None] | None = None  # called from a reader thread when a read is back
+        self.notify: Callable[[], None] | None = (
+            None  # called from a reader thread when a read is back
+        )
         self.pages_written = self.loads = self.pages_loaded = self.load_misses = 0
         self._lock = threading.Lock()
         self._poller = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-tier-stats")
@@ -102,12 +112,22 @@ class KVTier:
         self._tier_stats: TierStats | None = None
 
     @classmethod
-    def connect(cls, model_path: str | Path, budget_bytes: int, block_manager: BlockManager,
-                kv_cache: torch.Tensor, store_name: str | None = None) -> "KVTier":
+    def connect(
+        cls,
+        model_path: str | Path,
+        budget_bytes: int,
+        block_manager: BlockManager,
+        kv_cache: torch.Tensor,
+        store_name: str | None = None,
+    ) -> "KVTier":
         """The tier of this node's store (or `store_name`'s), for pages of this model and pool layout."""
         require_ray()
-        identity = ModelIdentity(model_fingerprint(model_path), kv_cache.dtype, page_shape(kv_cache))
-        return cls(KVTierClient(identity, budget_bytes, store_name=store_name), block_manager, kv_cache)
+        identity = ModelIdentity(
+            model_fingerprint(model_path), kv_cache.dtype, page_shape(kv_cache)
+        )
+        return cls(
+            KVTierClient(identity, budget_bytes, store_name=store_name), block_manager, kv_cache
+        )
 
     # -- writes ---------------------------------------------------------------------------------
     def write_reused(self) -> None:
@@ -116,8 +136,12 @@ class KVTier:
         runs = self.block_manager.take_reused_pages()
         if not runs:
             return
-        ids = torch.tensor([page for run in runs for page in run.pages], device=self.kv_cache.device)
-        pages = self.kv_cache.index_select(3, ids).permute(3, 0, 1, 2, 4, 5)  # a copy: [n, layers, 2, Hkv, P, D]
+        ids = torch.tensor(
+            [page for run in runs for page in run.pages], device=self.kv_cache.device
+        )
+        pages = self.kv_cache.index_select(3, ids).permute(
+            3, 0, 1, 2, 4, 5
+        )  # a copy: [n, layers, 2, Hkv, P, D]
         start = 0
         for run in runs:
             end = start + len(run.keys)
@@ -148,13 +172,17 @@ class KVTier:
         if pages is None:
             self.load_misses += 1
             return
-        fresh = self.block_manager.attach(seq, load.keys[:len(pages)])
+        fresh = self.block_manager.attach(seq, load.keys[: len(pages)])
         if fresh:
             rows = torch.tensor([index for index, _ in fresh])
             ids = torch.tensor([page for _, page in fresh], device=self.kv_cache.device)
-            self.kv_cache.index_copy_(3, ids, pages[rows].permute(1, 2, 3, 0, 4, 5).to(self.kv_cache.device))
+            self.kv_cache.index_copy_(
+                3, ids, pages[rows].permute(1, 2, 3, 0, 4, 5).to(self.kv_cache.device)
+            )
         self.pages_loaded += len(fresh)
-        if seq.num_output_tokens == 0:  # a preempted sequence keeps the counts of its first admission
+        if (
+            seq.num_output_tokens == 0
+        ):  # a preempted sequence keeps the counts of its first admission
             seq.num_cached_tokens = seq.num_computed_tokens
             seq.num_host_cached_tokens = len(fresh) * self.block_manager.page_size
 
@@ -170,20 +198,27 @@ class KVTier:
             poll = self._store_poll
             if poll is not None and poll.done():
                 self._tier_stats, self._store_poll = poll.result(), None
-            if self._store_poll is None and time.monotonic() - self._store_polled_at >= STORE_STATS_PERIOD_S:
+            if (
+                self._store_poll is None
+                and time.monotonic() - self._store_polled_at >= STORE_STATS_PERIOD_S
+            ):
                 self._store_polled_at = time.monotonic()
                 self._store_poll = self._poller.submit(self.client.stats)
             tier = self._tier_stats
         store = tier.store if tier is not None else None
         return HiCacheStats(
-            pages_written_total=self.pages_written, loads_total=self.loads, pages_loaded_total=self.pages_loaded,
-            load_misses_total=self.load_misses, page_size=self.block_manager.page_size,
+            pages_written_total=self.pages_written,
+            loads_total=self.loads,
+            pages_loaded_total=self.pages_loaded,
+            load_misses_total=self.load_misses,
+            page_size=self.block_manager.page_size,
             pages_dropped_total=tier.dropped_pages if tier is not None else 0,
             failed_calls_total=tier.failed_calls if tier is not None else 0,
             store_pages=store.pages if store is not None else 0,
             store_bytes=store.bytes_held if store is not None else 0,
             store_budget_bytes=store.budget_bytes if store is not None else 0,
-            page_nbytes=self.client.identity.page_nbytes)
+            page_nbytes=self.client.identity.page_nbytes,
+        )
 
     def close(self) -> None:
         """Send what is queued (the store keeps the pages), then stop the client's threads."""

@@ -5,6 +5,7 @@ one shared segment that the decode process owns and the prefill process maps, as
 copies); `map_storage` builds the same model in another process from the segment alone, without
 reading the checkpoint: it binds a meta-device skeleton to the shared tensors.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 with more than one engine: loads and counters add up, histograms merge bucket by bucket (they share
 bounds), ratios are weighted, and what is one per node or per pair (the tier's store, the Semi-PD
 split) is taken from the first replica that has it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,19 @@ import dataclasses
 from edgeacc_ray.engine.request.latency_metrics import HistogramSnapshot, LatencySnapshot
 from edgeacc_ray.engine.request.outputs import EngineStats, HiCacheStats
 
-_FIRST = {"page_size", "pd_mode", "split", "targets"}  # the same on every replica, or one pair's own
-_HICACHE_NODE = {"page_size", "page_nbytes", "store_pages", "store_bytes", "store_budget_bytes"}  # one store per node
+_FIRST = {
+    "page_size",
+    "pd_mode",
+    "split",
+    "targets",
+}  # the same on every replica, or one pair's own
+_HICACHE_NODE = {
+    "page_size",
+    "page_nbytes",
+    "store_pages",
+    "store_bytes",
+    "store_budget_bytes",
+}  # one store per node
 
 
 def _histogram(parts: list[HistogramSnapshot]) -> HistogramSnapshot:
@@ -21,15 +33,25 @@ def _histogram(parts: list[HistogramSnapshot]) -> HistogramSnapshot:
 def _latency(parts: list[LatencySnapshot]) -> LatencySnapshot | None:
     if not parts:
         return None
-    return LatencySnapshot(*(_histogram([getattr(p, f.name) for p in parts])
-                             for f in dataclasses.fields(LatencySnapshot)))
+    return LatencySnapshot(
+        *(
+            _histogram([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(LatencySnapshot)
+        )
+    )
 
 
 def _hicache(parts: list[HiCacheStats]) -> HiCacheStats | None:
     if not parts:
         return None
-    values = {f.name: (getattr(parts[0], f.name) if f.name in _HICACHE_NODE else sum(getattr(p, f.name) for p in parts))
-              for f in dataclasses.fields(HiCacheStats)}
+    values = {
+        f.name: (
+            getattr(parts[0], f.name)
+            if f.name in _HICACHE_NODE
+            else sum(getattr(p, f.name) for p in parts)
+        )
+        for f in dataclasses.fields(HiCacheStats)
+    }
     return HiCacheStats(**values)
 
 
@@ -46,10 +68,15 @@ def combine_stats(parts: list[EngineStats]) -> EngineStats:
             values[f.name] = _latency([v for v in mine if v is not None])
         elif f.name == "hicache":
             values[f.name] = _hicache([v for v in mine if v is not None])
-        elif f.name == "new_token_ratio":  # weighted by running requests: the share the batch as a whole counts
+        elif (
+            f.name == "new_token_ratio"
+        ):  # weighted by running requests: the share the batch as a whole counts
             running = sum(p.num_running for p in parts)
-            values[f.name] = (sum(p.new_token_ratio * p.num_running for p in parts) / running if running
-                              else sum(mine) / len(mine))
+            values[f.name] = (
+                sum(p.new_token_ratio * p.num_running for p in parts) / running
+                if running
+                else sum(mine) / len(mine)
+            )
         else:
             values[f.name] = sum(mine)
     return EngineStats(**values)

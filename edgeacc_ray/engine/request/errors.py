@@ -1,6 +1,7 @@
 """Errors the engine side raises to its callers, as types that survive a Ray hop (they pickle with
 their fields), so the HTTP layer maps them by type, never by parsing messages. Their messages are
 short and client-safe: no actor ids, pids or addresses (those go to the logs)."""
+
 from __future__ import annotations
 
 
@@ -21,7 +22,9 @@ class EngineUnavailable(RuntimeError):
     shortly may succeed (HTTP 503 with Retry-After). `retry_after_s`, when the engine knows it, is
     when to retry; `code` is a stable error code."""
 
-    def __init__(self, message: str, retry_after_s: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after_s: int | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after_s, self.code = retry_after_s, code
 

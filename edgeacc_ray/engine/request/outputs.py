@@ -1,4 +1,5 @@
 """What the engine hands back to callers: per-request output chunks and final results."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
-    rank: int | None = None  # 1 + how many tokens are likelier (prompt tokens: vLLM's prompt_logprobs show it)
+    rank: int | None = (
+        None  # 1 + how many tokens are likelier (prompt tokens: vLLM's prompt_logprobs show it)
+    )
 
 
 @dataclass
@@ -46,14 +49,24 @@ def merge_outputs(a: RequestOutput | None, b: RequestOutput) -> RequestOutput:
     the HTTP layer and the offline `LLM`."""
     if a is None:
         return b
-    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    logprobs = (
+        None
+        if a.logprobs is None and b.logprobs is None
+        else (a.logprobs or []) + (b.logprobs or [])
+    )
     return RequestOutput(
-        request_id=a.request_id, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, finished=b.finished,
-        finish_reason=b.finish_reason, stop_reason=b.stop_reason, logprobs=logprobs,
+        request_id=a.request_id,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        finished=b.finished,
+        finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason,
+        logprobs=logprobs,
         prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
         num_prompt_tokens=b.num_prompt_tokens or a.num_prompt_tokens,
         num_cached_tokens=b.num_cached_tokens or a.num_cached_tokens,
-        num_output_tokens=b.num_output_tokens)
+        num_output_tokens=b.num_output_tokens,
+    )
 
 
 @dataclass
@@ -83,7 +96,9 @@ class SplitStats:
     tpot_p90_ms: float
     prefill_batches_total: int
     prefill_compute_seconds_total: float  # prefill process busy on batches
-    prefill_roundtrip_seconds_total: float  # batches' time from dispatch to merge (compute + transport + wait)
+    prefill_roundtrip_seconds_total: (
+        float  # batches' time from dispatch to merge (compute + transport + wait)
+    )
     storage: str  # the shared segment's name
 
 
@@ -92,7 +107,9 @@ class HiCacheStats:
     """The KV offload tier as one engine sees it: its counters since start, and the node's store as of
     its last answer (all engines and models on the node; zero until it answered)."""
 
-    pages_written_total: int  # pages sent to the tier (at their first reuse, each once per stay in the pool)
+    pages_written_total: (
+        int  # pages sent to the tier (at their first reuse, each once per stay in the pool)
+    )
     loads_total: int  # tier reads started for admitted prompts
     pages_loaded_total: int  # pages read back into the device pool
     load_misses_total: int  # reads that brought no page (a miss, a failed or timed-out call)
@@ -126,25 +143,39 @@ class EngineStats:
     num_cached_pages: int  # unreferenced pages kept for the prefix cache (evictable)
     prompt_tokens_total: int  # counters since start
     generation_tokens_total: int
-    cached_prompt_tokens_total: int  # prompt tokens served from the prefix cache: device pool or KV tier
+    cached_prompt_tokens_total: (
+        int  # prompt tokens served from the prefix cache: device pool or KV tier
+    )
     requests_finished_total: int
     requests_aborted_total: int
     pd_mode: str = "colocated"
     num_prefilling: int = 0  # Semi-PD: requests whose prompt is in the prefill process
     split: SplitStats | None = None
     latency: LatencySnapshot | None = None
-    targets: list[TargetStats] = field(default_factory=list)  # latency targets in force (slo_targets.py)
+    targets: list[TargetStats] = field(
+        default_factory=list
+    )  # latency targets in force (slo_targets.py)
     # Admission (engine/scheduling/admission.py, running_bound.py, queue_bounds.py).
-    running_bound: int = 0  # requests that may run at once now (follows tpot_slo_ms, at most max_num_seqs)
-    reserved_pages: int = 0  # pages held by admitted requests plus those their reservations still expect
-    new_token_ratio: float = 0.0  # share of its remaining max_tokens a request's reservation counts now
+    running_bound: int = (
+        0  # requests that may run at once now (follows tpot_slo_ms, at most max_num_seqs)
+    )
+    reserved_pages: int = (
+        0  # pages held by admitted requests plus those their reservations still expect
+    )
+    new_token_ratio: float = (
+        0.0  # share of its remaining max_tokens a request's reservation counts now
+    )
     retractions_total: int = 0  # running requests sent back to wait because the pool ran short
     rejected_total: int = 0  # refused on arrival: queue full or predicted wait too long
     queue_timeouts_total: int = 0  # dropped after waiting longer than queue_timeout_s
     drain_rate: float = 0.0  # requests started per second while some waited (0: not measured yet)
-    compute_seconds_total: float = 0.0  # the step loop in forwards and sampling (Semi-PD: the decode side's)
+    compute_seconds_total: float = (
+        0.0  # the step loop in forwards and sampling (Semi-PD: the decode side's)
+    )
     # The KV offload tier (engine/kv/tier.py); None when it is off.
-    host_cached_prompt_tokens_total: int = 0  # of cached_prompt_tokens_total, those loaded from the tier
+    host_cached_prompt_tokens_total: int = (
+        0  # of cached_prompt_tokens_total, those loaded from the tier
+    )
     num_loading: int = 0  # admitted requests whose prefix is being read from the tier
     hicache: HiCacheStats | None = None
 

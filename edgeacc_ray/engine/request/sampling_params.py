@@ -1,4 +1,5 @@
 """Per-request sampling settings (checked by `request_validation.validate_request` when a request enters the engine)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,4 +51,8 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )

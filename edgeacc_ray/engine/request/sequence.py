@@ -1,4 +1,5 @@
 """A request as the engine tracks it: tokens, pages, progress and sampling state."""
+
 from __future__ import annotations
 
 import enum
@@ -34,7 +35,9 @@ class Sequence:
     page_table: list[int] = field(default_factory=list)
     page_keys: list[bytes] = field(default_factory=list)  # prefix keys of the full pages, in order
     num_computed_tokens: int = 0  # tokens whose KV is in the pages
-    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache (device pool or KV tier)
+    num_cached_tokens: int = (
+        0  # prompt tokens that came from the prefix cache (device pool or KV tier)
+    )
     num_host_cached_tokens: int = 0  # of those, the ones loaded from the KV tier
     prefix_load: PrefixLoad | None = None  # the KV tier read in flight while LOADING
     finish_reason: str | None = None
@@ -49,15 +52,22 @@ class Sequence:
     last_token_time: float | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
     matcher: Any = None  # llguidance matcher of a constrained request (advanced as tokens come out)
-    token_bitmask: torch.Tensor | None = None  # allowed next tokens, packed bits (set before sampling)
+    token_bitmask: torch.Tensor | None = (
+        None  # allowed next tokens, packed bits (set before sampling)
+    )
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens are out
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
-        if self.params.prompt_logprobs is not None:  # the start token's entry is None (nothing before it scored)
-            self.prompt_logprobs_base, self.prompt_logprobs = self.params.prompt_logprobs_start, [None]
+        if (
+            self.params.prompt_logprobs is not None
+        ):  # the start token's entry is None (nothing before it scored)
+            self.prompt_logprobs_base, self.prompt_logprobs = (
+                self.params.prompt_logprobs_start,
+                [None],
+            )
 
     @property
     def last_page_key(self) -> bytes:
@@ -74,7 +84,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:

@@ -6,6 +6,7 @@ between the phases and so never cuts throughput, follows a derived target: DERIV
 fastest window p90 measured so far (the phase's latency when least loaded). A slow device thus gets a
 loose target and a fast one a tight one, and nothing moves before the first window is measured.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,9 +48,19 @@ class LatencyTarget:
     def ms(self) -> float:
         """The target now; inf when there is none (nothing is over it)."""
         source = self.source
-        return self.user_ms if source == "user" else DERIVED_FACTOR * self.floor_ms if source == "derived" else math.inf
+        return (
+            self.user_ms
+            if source == "user"
+            else DERIVED_FACTOR * self.floor_ms
+            if source == "derived"
+            else math.inf
+        )
 
     def stats(self) -> TargetStats:
         value = self.ms
-        return TargetStats(self.name, value if math.isfinite(value) else None, self.source,
-                           self.floor_ms if math.isfinite(self.floor_ms) else None)
+        return TargetStats(
+            self.name,
+            value if math.isfinite(value) else None,
+            self.source,
+            self.floor_ms if math.isfinite(self.floor_ms) else None,
+        )

@@ -4,6 +4,7 @@ request, whose next-token bitmask the sampler applies to that request's row only
 
 Grammars are validated and cached by (kind, text); building a matcher costs well under a millisecond
 for the grammars we have measured, and the async engine builds it off the step loop."""
+
 from __future__ import annotations
 
 import functools
@@ -55,7 +56,9 @@ class GrammarCompiler:
         grammar = self._grammar(so)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar)
         if matcher.is_error():
-            raise InvalidRequest("structured", f"the {so.kind} cannot be used: {matcher.get_error()}")
+            raise InvalidRequest(
+                "structured", f"the {so.kind} cannot be used: {matcher.get_error()}"
+            )
         return matcher
 
     @functools.lru_cache(maxsize=CACHE_SIZE)  # noqa: B019 (one compiler per engine, kept for its life)
@@ -65,14 +68,20 @@ class GrammarCompiler:
         try:
             if so.kind == "json_schema":
                 json.loads(so.spec)
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(so.spec, defaults=JSON_DEFAULTS)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    so.spec, defaults=JSON_DEFAULTS
+                )
             elif so.kind == "json_object":
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_SCHEMA, defaults=JSON_DEFAULTS)
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                    ANY_JSON_SCHEMA, defaults=JSON_DEFAULTS
+                )
             elif so.kind == "regex":
                 grammar = llguidance.LLMatcher.grammar_from_regex(so.spec)
             else:  # GBNF ("root ::= ...", SGLang's ebnf) or Lark
                 grammar = llguidance.grammar_from(so.kind, so.spec)
-        except Exception as exc:  # what the user wrote does not parse; the converters raise their own types
+        except (
+            Exception
+        ) as exc:  # what the user wrote does not parse; the converters raise their own types
             raise InvalidRequest("structured", f"invalid {so.kind}: {_first_line(exc)}") from None
         ok, error = _validate(grammar, self.tokenizer)
         if not ok:

@@ -17,6 +17,7 @@ sharing one memory pool: replays never overlap and each returns its logits befor
 bucketing are tested on CPU. The workspace path is CPU-only and flashinfer plans on the host each
 step, so graphs cover the paged torch path alone (engine/hardware/device.py decides).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgeacc_ray.engine.scheduling import ScheduledBatch
 from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.scheduling import ScheduledBatch
 from edgeacc_ray.models.attention import AttentionMetadata
 from edgeacc_ray.models.qwen3 import CausalLM
 
@@ -62,7 +63,9 @@ def bucket(sizes: tuple[int, ...], n: int) -> int | None:
 class _Bucket:
     batch: int
     pages: int
-    packed: torch.Tensor  # int64 [4 * batch + batch * pages]: ids, positions, slots, lengths, page table
+    packed: (
+        torch.Tensor
+    )  # int64 [4 * batch + batch * pages]: ids, positions, slots, lengths, page table
     logits: torch.Tensor | None = None  # the captured output [batch, vocab] float32
     graph: "torch.cuda.CUDAGraph | None" = None
 
@@ -71,8 +74,17 @@ class DecodeGraphs:
     """Decode forwards of `model` over the pool `kv_caches`, padded to buckets and (on CUDA) replayed
     from captured graphs. `scratch_page` must be a page the block manager never hands out."""
 
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], page_size: int, scratch_page: int,
-                 max_num_seqs: int, max_pages: int, capture: bool = True, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[torch.Tensor],
+        page_size: int,
+        scratch_page: int,
+        max_num_seqs: int,
+        max_pages: int,
+        capture: bool = True,
+        max_graphs: int = MAX_GRAPHS,
+    ) -> None:
         self.model, self.kv_caches, self.page_size = model, kv_caches, page_size
         self.scratch_page = scratch_page
         self.device = kv_caches[0].device
@@ -114,9 +126,15 @@ class DecodeGraphs:
         if b is None:
             try:
                 b = self._new_bucket(*key)
-            except RuntimeError as exc:  # an op that cannot be captured, or out of memory while capturing
+            except (
+                RuntimeError
+            ) as exc:  # an op that cannot be captured, or out of memory while capturing
                 self.failure = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("decode CUDA graph capture failed for bucket %s, graphs off: %s", key, self.failure)
+                log.warning(
+                    "decode CUDA graph capture failed for bucket %s, graphs off: %s",
+                    key,
+                    self.failure,
+                )
                 return None
             self.buckets[key] = b
         b.packed.copy_(torch.from_numpy(self.host_inputs(seqs, b.batch, b.pages)))
@@ -126,14 +144,14 @@ class DecodeGraphs:
             b.graph.replay()
             logits = b.logits
         self.replays += 1
-        return logits[:len(seqs)]
+        return logits[: len(seqs)]
 
     def host_inputs(self, seqs: list[Sequence], batch: int, pages: int) -> np.ndarray:
         """The packed inputs of a padded step: real rows first, padding rows on the scratch page."""
         size, scratch = self.page_size, self.scratch_page
         packed = np.zeros(4 * batch + batch * pages, dtype=np.int64)
-        ids, positions, slots, lengths = (packed[i * batch:(i + 1) * batch] for i in range(4))
-        table = packed[4 * batch:].reshape(batch, pages)
+        ids, positions, slots, lengths = (packed[i * batch : (i + 1) * batch] for i in range(4))
+        table = packed[4 * batch :].reshape(batch, pages)
         table[:] = scratch
         slots[:] = scratch * size
         lengths[:] = 1
@@ -141,10 +159,10 @@ class DecodeGraphs:
             pos = seq.num_computed_tokens
             ids[row] = seq.token_ids[pos]
             positions[row] = pos
-            row_pages = seq.page_table[:pos // size + 1]
+            row_pages = seq.page_table[: pos // size + 1]
             slots[row] = row_pages[-1] * size + pos % size
             lengths[row] = pos + 1
-            table[row, :len(row_pages)] = row_pages
+            table[row, : len(row_pages)] = row_pages
         return packed
 
     def _new_bucket(self, batch: int, pages: int) -> _Bucket:
@@ -172,12 +190,18 @@ class DecodeGraphs:
     def _forward(self, b: _Bucket) -> torch.Tensor:
         """The padded decode step, shapes fixed by the bucket: [batch] rows over [batch, pages] tables."""
         n = b.batch
-        ids, positions, slots, lengths = (b.packed[i * n:(i + 1) * n] for i in range(4))
-        table = b.packed[4 * n:].view(n, b.pages)
+        ids, positions, slots, lengths = (b.packed[i * n : (i + 1) * n] for i in range(4))
+        table = b.packed[4 * n :].view(n, b.pages)
         span = b.pages * self.page_size
         mask = torch.zeros((n, span), dtype=torch.float32, device=self.device)
         mask = mask.masked_fill(self.arange[:span][None, :] >= lengths[:, None], float("-inf"))
-        meta = AttentionMetadata(slot_mapping=slots, num_decode=n, decode_mask=None, prefills=[],
-                                 decode_page_table=table, paged_mask=mask)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decode=n,
+            decode_mask=None,
+            prefills=[],
+            decode_page_table=table,
+            paged_mask=mask,
+        )
         hidden = self.model(ids, positions, self.kv_caches, meta)
         return self.model.logits(hidden)

@@ -6,6 +6,7 @@ sequence keeps a row here for its whole decode life: filled once from its pages 
 decoding, then extended by one token per step alongside the pool (the pool stays the source of
 truth for the prefix cache and for other processes). Rows freed by finished sequences are reused.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ class DecodeWorkspace:
         layers, _, kv_heads, _, self.page_size, head_dim = pool.shape
         self.token_bytes = layers * 2 * kv_heads * head_dim * pool.element_size()
         self.max_bytes = max_bytes
-        self.buffer = pool.new_empty((layers, 2, 0, kv_heads, 0, head_dim))  # [.., rows, Hkv, length, D]
+        self.buffer = pool.new_empty(
+            (layers, 2, 0, kv_heads, 0, head_dim)
+        )  # [.., rows, Hkv, length, D]
         self.row_of: dict[Sequence, int] = {}  # keyed by the object, which the dict keeps alive
         self.free_rows: list[int] = []
 
@@ -59,12 +62,16 @@ class DecodeWorkspace:
         wanted_len = -(-length // _LENGTH_STEP) * _LENGTH_STEP
         if rows <= cur_rows and length <= cur_len <= 2 * wanted_len:
             return True
-        new_rows, new_len = max(rows, cur_rows), wanted_len if cur_len > 2 * wanted_len else max(cur_len, wanted_len)
+        new_rows, new_len = (
+            max(rows, cur_rows),
+            wanted_len if cur_len > 2 * wanted_len else max(cur_len, wanted_len),
+        )
         if new_rows * new_len * self.token_bytes > self.max_bytes:
             return False
         layers, _, _, kv_heads, _, head_dim = self.buffer.shape
         grown = self.buffer.new_zeros(  # never garbage: masked positions still pass through matmul
-            (layers, 2, new_rows, kv_heads, new_len, head_dim))
+            (layers, 2, new_rows, kv_heads, new_len, head_dim)
+        )
         keep = min(cur_len, new_len)
         grown[:, :, :cur_rows, :, :keep] = self.buffer[:, :, :, :, :keep]
         self.buffer = grown

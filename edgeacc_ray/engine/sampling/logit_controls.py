@@ -1,12 +1,12 @@
 """Per-request edits of the next-token logits before sampling: `logit_bias`, `min_tokens` (EOS and
 stop tokens held back) and a grammar's allowed-token bitmask. Only the rows that ask for one are
 touched; the others keep the shared tensor untouched."""
+
 from __future__ import annotations
 
 import torch
 
-from edgeacc_ray.engine.request import Sequence
-from edgeacc_ray.engine.request import apply_bitmasks
+from edgeacc_ray.engine.request import Sequence, apply_bitmasks
 
 
 def apply_logit_controls(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -1,15 +1,17 @@
 """Turn last-position logits into next tokens: logit controls (bias, min_tokens, grammar), penalties,
 temperature, top-k/top-p/min-p, seeds, and log-probabilities of the chosen token with top alternatives."""
+
 from __future__ import annotations
 
 import torch
 
+from edgeacc_ray.engine.request import Sequence, TokenLogprob
 from edgeacc_ray.engine.sampling.logit_controls import apply_logit_controls
-from edgeacc_ray.engine.request import TokenLogprob
-from edgeacc_ray.engine.request import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [len(seqs), vocab] float32 -> one token id per sequence, and logprobs where asked for
     (of the model's distribution, before penalties, biases and grammars)."""
     raw = logits
@@ -39,10 +41,14 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
         values = row[seen]
-        row[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        row[seen] = torch.where(
+            values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+        )
     output = seq.output_token_ids
     if output and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].float()
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[
+            :vocab
+        ].float()
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
 
 

@@ -8,4 +8,12 @@ from edgeacc_ray.engine.scheduling.running_bound import RunningBound
 from edgeacc_ray.engine.scheduling.scheduler import ScheduledBatch, Scheduler
 from edgeacc_ray.engine.scheduling.start_forecast import BatchForecast, StepTime
 
-__all__ = ["AdmissionPolicy", "BatchForecast", "QueueBounds", "RunningBound", "ScheduledBatch", "Scheduler", "StepTime"]
+__all__ = [
+    "AdmissionPolicy",
+    "BatchForecast",
+    "QueueBounds",
+    "RunningBound",
+    "ScheduledBatch",
+    "Scheduler",
+    "StepTime",
+]

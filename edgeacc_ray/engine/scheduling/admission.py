@@ -9,12 +9,13 @@ ratio follows the share of `max_tokens` that finished requests produced, never b
 output is reserved and the pool cannot run short; below, it can, and the scheduler then retracts
 at most `max_retractions` sequences per step (never a storm), newest first.
 """
+
 from __future__ import annotations
 
 import math
 
-from edgeacc_ray.engine.scheduling.running_bound import RunningBound
 from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.scheduling.running_bound import RunningBound
 
 RATIO_EWMA = 0.1  # weight of one finished request in the learned ratio
 RETRACTION_RATIO_STEP = 0.1  # the ratio rises this much after each retraction
@@ -22,8 +23,15 @@ RETRACT_FRACTION = 16  # a step retracts at most 1/16 of the running batch (at l
 
 
 class AdmissionPolicy:
-    def __init__(self, page_size: int, max_model_len: int, bound: RunningBound, ratio_init: float = 1.0,
-                 ratio_min: float = 1.0, clip_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        page_size: int,
+        max_model_len: int,
+        bound: RunningBound,
+        ratio_init: float = 1.0,
+        ratio_min: float = 1.0,
+        clip_tokens: int | None = None,
+    ) -> None:
         """The defaults reserve every output in full (the engine passes its settings)."""
         self.page_size = page_size
         self.max_model_len = max_model_len

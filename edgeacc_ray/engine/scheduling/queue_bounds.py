@@ -12,14 +12,14 @@ a request that can start now (a free slot and room for its pages) whatever the r
 corrects a forecast that overstates, as it does where prompts stall decoding (Semi-PD on two cores).
 Without either, only the count bound applies and Retry-After is `MIN_RETRY_AFTER_S`.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from edgeacc_ray.engine.request import EngineOverloaded, QueueTimeout
-from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.request import EngineOverloaded, QueueTimeout, Sequence
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.scheduling.start_forecast import BatchForecast
@@ -45,7 +45,11 @@ class DrainRate:
             self._started += num_started
             if self._busy_s >= DRAIN_WINDOW_S:
                 sample = self._started / self._busy_s
-                self.per_s = sample if self.per_s is None else self.per_s + DRAIN_EWMA * (sample - self.per_s)
+                self.per_s = (
+                    sample
+                    if self.per_s is None
+                    else self.per_s + DRAIN_EWMA * (sample - self.per_s)
+                )
                 self._busy_s, self._started = 0.0, 0
         self._last, self._was_waiting = now, num_waiting > 0
 
@@ -66,19 +70,27 @@ class QueueBounds:
     def check_arrival(self, num_waiting: int, forecast: BatchForecast | None = None) -> None:
         """Raise EngineOverloaded if one more request may not wait behind `num_waiting`."""
         if 0 <= self.max_queued <= num_waiting:
-            raise EngineOverloaded(f"the server is at capacity: {num_waiting} requests are waiting to start "
-                                   f"(max_queued_requests={self.max_queued})",
-                                   self.retry_after_s(num_waiting, forecast), "queue_full")
+            raise EngineOverloaded(
+                f"the server is at capacity: {num_waiting} requests are waiting to start "
+                f"(max_queued_requests={self.max_queued})",
+                self.retry_after_s(num_waiting, forecast),
+                "queue_full",
+            )
         if self.max_wait_s is None:
             return
         wait = self.drain.seconds_for(num_waiting + 1)
-        if forecast is not None and (wait is None or wait > self.max_wait_s):  # else the shorter fits anyway
+        if forecast is not None and (
+            wait is None or wait > self.max_wait_s
+        ):  # else the shorter fits anyway
             predicted = forecast.wait_s(horizon_s=self.max_wait_s)
             wait = predicted if wait is None else min(wait, predicted)
         if wait is not None and wait > self.max_wait_s:
-            raise EngineOverloaded(f"the server is at capacity: a new request would wait more than "
-                                   f"max_queue_wait_s={self.max_wait_s:g} s to start",
-                                   self.retry_after_s(num_waiting, forecast), "queue_wait_too_long")
+            raise EngineOverloaded(
+                f"the server is at capacity: a new request would wait more than "
+                f"max_queue_wait_s={self.max_wait_s:g} s to start",
+                self.retry_after_s(num_waiting, forecast),
+                "queue_wait_too_long",
+            )
 
     def expired(self, waiting: Iterable[Sequence], now: float) -> list[Sequence]:
         """The waiting sequences that arrived more than the timeout ago and never started (a retracted
@@ -86,11 +98,17 @@ class QueueBounds:
         if self.timeout_s is None:
             return []
         cutoff = now - self.timeout_s
-        return [seq for seq in waiting if seq.arrival_time < cutoff and seq.first_token_time is None]
+        return [
+            seq for seq in waiting if seq.arrival_time < cutoff and seq.first_token_time is None
+        ]
 
     def timeout_error(self, num_waiting: int) -> QueueTimeout:
-        return QueueTimeout(f"the request waited more than queue_timeout_s={self.timeout_s:g} s to start; "
-                            "the server is overloaded", self.retry_after_s(num_waiting), "queue_timeout")
+        return QueueTimeout(
+            f"the request waited more than queue_timeout_s={self.timeout_s:g} s to start; "
+            "the server is overloaded",
+            self.retry_after_s(num_waiting),
+            "queue_timeout",
+        )
 
     def retry_after_s(self, num_waiting: int, forecast: BatchForecast | None = None) -> int:
         """Seconds until the `num_waiting` requests waiting now have started, at the drain rate (or as

@@ -12,6 +12,7 @@ Its p90 moves the bound, in small steps: over the target, down to 7/8 of the bat
 than the bound (still draining after a cut) does not cut again, and a bound that held nobody back
 does not grow (it would climb without evidence). Without a target the bound is `max_num_seqs`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,7 +56,9 @@ class RunningBound:
             self._window_start = now
         self._samples.append(tpot_s * 1000)
         self._largest_batch = max(self._largest_batch, num_running)
-        if not window_closes(now - self._window_start, self.window_s, len(self._samples) >= MIN_SAMPLES):
+        if not window_closes(
+            now - self._window_start, self.window_s, len(self._samples) >= MIN_SAMPLES
+        ):
             return
         if len(self._samples) >= MIN_SAMPLES:
             self._adjust(p90(self._samples))

@@ -13,15 +13,16 @@ With the KV offload tier (`tier`, engine/kv/tier.py) an admitted sequence whose 
 full pages past its device prefix first waits in `loading` while the tier is read (admitted: it
 counts toward the running bound and the reservations, holds its device prefix, is never preempted),
 and joins the batch, or goes to the prefill process, once the read is back."""
+
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
 from edgeacc_ray.engine.kv import BlockManager
 from edgeacc_ray.engine.request import Sequence, SequenceStatus
+from edgeacc_ray.engine.scheduling.admission import AdmissionPolicy
 
 if TYPE_CHECKING:
     from edgeacc_ray.engine.kv import KVTier
@@ -33,12 +34,20 @@ class ScheduledBatch:
 
     items: list[tuple[Sequence, int]]
     num_decode: int
-    prefills: list[Sequence] = field(default_factory=list)  # remote_prefill: to send to the prefill process
+    prefills: list[Sequence] = field(
+        default_factory=list
+    )  # remote_prefill: to send to the prefill process
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, admission: AdmissionPolicy, max_num_batched_tokens: int,
-                 remote_prefill: bool = False, tier: KVTier | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        admission: AdmissionPolicy,
+        max_num_batched_tokens: int,
+        remote_prefill: bool = False,
+        tier: KVTier | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.admission = admission
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -47,10 +56,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefilling: list[Sequence] = []
-        self.loading: list[Sequence] = []  # admitted, reading their prefix from the tier (oldest first)
+        self.loading: list[
+            Sequence
+        ] = []  # admitted, reading their prefix from the tier (oldest first)
         self.num_preemptions = 0  # retractions: running sequences sent back to wait
         self.num_admitted = 0  # starts from the waiting queue (a retracted sequence counts again)
-        self.blocked = False  # the last schedule() left sequences waiting, and none arrived or left since
+        self.blocked = (
+            False  # the last schedule() left sequences waiting, and none arrived or left since
+        )
         self._retractions_left = 0
 
     def add(self, seq: Sequence) -> None:
@@ -70,7 +83,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         self._retractions_left = self.admission.max_retractions(len(self.running))
         if not self.remote_prefill:
-            for seq in self._loads_done():  # their prefix is in the pool: they compute the rest below
+            for (
+                seq
+            ) in self._loads_done():  # their prefix is in the pool: they compute the rest below
                 self.loading.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
@@ -87,8 +102,11 @@ class Scheduler:
             (singles if n == 1 else chunks).append((seq, n))
             budget -= n
         if self.remote_prefill:
-            return ScheduledBatch(items=singles + chunks, num_decode=len(singles),
-                                  prefills=self._admit_for_prefill(prefill_token_budget))
+            return ScheduledBatch(
+                items=singles + chunks,
+                num_decode=len(singles),
+                prefills=self._admit_for_prefill(prefill_token_budget),
+            )
 
         def run(seq: Sequence, n: int) -> None:
             seq.status = SequenceStatus.RUNNING
@@ -100,7 +118,9 @@ class Scheduler:
 
     def committed_pages(self) -> int:
         """Pages the admitted sequences are expected to take beyond those they hold."""
-        return sum(self.admission.pages_to_come(s) for s in self.running + self.prefilling + self.loading)
+        return sum(
+            self.admission.pages_to_come(s) for s in self.running + self.prefilling + self.loading
+        )
 
     def _num_active(self) -> int:
         return len(self.running) + len(self.prefilling) + len(self.loading)
@@ -115,7 +135,8 @@ class Scheduler:
         """Take the head of the queue (its cached prefix pages matched) if the admission policy lets
         it start; otherwise leave it waiting, holding nothing."""
         if not self.admission.has_room(self._num_active()) or not self.admission.fits(
-                committed, seq, self.block_manager.num_free_pages):
+            committed, seq, self.block_manager.num_free_pages
+        ):
             self.block_manager.free(seq)
             return False
         self.waiting.popleft()
@@ -167,8 +188,13 @@ class Scheduler:
         self._admit_waiting(budget, whole_prompts=True, started=bool(admitted), start=send)
         return admitted
 
-    def _admit_waiting(self, budget: int, whole_prompts: bool, started: bool,
-                       start: Callable[[Sequence, int], None]) -> None:
+    def _admit_waiting(
+        self,
+        budget: int,
+        whole_prompts: bool,
+        started: bool,
+        start: Callable[[Sequence, int], None],
+    ) -> None:
         """The one admission loop: take sequences from the head of the queue while the running bound,
         the page reservations and `budget` (tokens) allow, and hand each that computes now to
         `start(seq, tokens)`; one whose prefix is read from the tier goes to `loading` instead.
@@ -187,8 +213,14 @@ class Scheduler:
             if self._start_load(seq):
                 committed += self.admission.pages_to_come(seq)
                 continue
-            n = seq.num_uncomputed_tokens if whole_prompts else min(seq.num_uncomputed_tokens, budget)
-            self.block_manager.allocate(seq, seq.num_computed_tokens + n)  # within its reservation: fits
+            n = (
+                seq.num_uncomputed_tokens
+                if whole_prompts
+                else min(seq.num_uncomputed_tokens, budget)
+            )
+            self.block_manager.allocate(
+                seq, seq.num_computed_tokens + n
+            )  # within its reservation: fits
             committed += self.admission.pages_to_come(seq)
             start(seq, n)
             started = True

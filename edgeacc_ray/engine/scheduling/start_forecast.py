@@ -9,6 +9,7 @@ decode step), and the waiting requests take them in order, each when a slot and 
 free. The new request's start is when its turn comes. Expected outputs follow the learned new-token
 ratio, so the forecast is exact for fixed-length outputs and errs late (refusing early) otherwise.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgeacc_ray.engine.scheduling.scheduler import Scheduler
     from edgeacc_ray.engine.request import Sequence
+    from edgeacc_ray.engine.scheduling.scheduler import Scheduler
 
 DEFAULT_STEP_S = 0.05  # time per decode step before one is measured and without a TPOT target
 STEP_EWMA = 0.2
@@ -34,8 +35,13 @@ class Job:
     seconds: float
 
 
-def start_time_s(active: Iterable[Job], waiting: Iterable[Job], free_slots: int, free_pages: int,
-                 horizon_s: float = math.inf) -> float:
+def start_time_s(
+    active: Iterable[Job],
+    waiting: Iterable[Job],
+    free_slots: int,
+    free_pages: int,
+    horizon_s: float = math.inf,
+) -> float:
     """Seconds from now until the last of `waiting` starts, all of them starting in order; inf if that
     is beyond `horizon_s` or it can never fit."""
     ends = [(job.seconds, job.pages) for job in active]
@@ -63,7 +69,9 @@ class StepTime:
         self.measured = False
 
     def observe(self, tpot_s: float) -> None:
-        self.seconds = tpot_s if not self.measured else self.seconds + STEP_EWMA * (tpot_s - self.seconds)
+        self.seconds = (
+            tpot_s if not self.measured else self.seconds + STEP_EWMA * (tpot_s - self.seconds)
+        )
         self.measured = True
 
 
@@ -76,14 +84,19 @@ class BatchForecast:
     def _job(self, seq: "Sequence") -> Job:
         admission = self.scheduler.admission
         expected_tokens = admission.reserved_tokens(seq) - seq.num_tokens + 1
-        return Job(len(seq.page_table) + admission.pages_to_come(seq), max(1, expected_tokens) * self.step.seconds)
+        return Job(
+            len(seq.page_table) + admission.pages_to_come(seq),
+            max(1, expected_tokens) * self.step.seconds,
+        )
 
     def _start_s(self, waiting: list["Sequence"], horizon_s: float) -> float:
         sched = self.scheduler
         active = sched.running + sched.prefilling + sched.loading
         free_slots = max(0, sched.admission.bound.value - len(active))
         free_pages = sched.block_manager.num_free_pages - sched.committed_pages()
-        return start_time_s(map(self._job, active), map(self._job, waiting), free_slots, free_pages, horizon_s)
+        return start_time_s(
+            map(self._job, active), map(self._job, waiting), free_slots, free_pages, horizon_s
+        )
 
     def wait_s(self, horizon_s: float) -> float:
         """Until the new request would start, behind everyone waiting (inf beyond `horizon_s`)."""

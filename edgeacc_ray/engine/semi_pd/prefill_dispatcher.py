@@ -4,6 +4,7 @@ keeps a bounded number in flight, and hands back the batches that came home (or 
 How a batch travels is the executor's business (`PrefillExecutor`): a local child process for the
 offline engine (engine/semi_pd/process_prefill_executor.py), a Ray Serve handle in the deployments.
 """
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -11,9 +12,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from edgeacc_ray.engine.semi_pd.prefill_messages import PrefillBatch, PrefillBatchResult, PrefillTask
-from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.engine.kv import StorageSpec
+from edgeacc_ray.engine.request import Sequence
+from edgeacc_ray.engine.semi_pd.prefill_messages import (
+    PrefillBatch,
+    PrefillBatchResult,
+    PrefillTask,
+)
 
 
 class PrefillExecutor(Protocol):
@@ -31,14 +36,17 @@ class InFlight:
 
 
 class PrefillDispatcher:
-    def __init__(self, storage: StorageSpec, executor: PrefillExecutor, batch_tokens: int,
-                 max_in_flight: int) -> None:
+    def __init__(
+        self, storage: StorageSpec, executor: PrefillExecutor, batch_tokens: int, max_in_flight: int
+    ) -> None:
         self.storage = storage
         self.executor = executor
         self.batch_tokens = batch_tokens
         self.max_in_flight = max_in_flight
         self.in_flight: list[InFlight] = []
-        self.notify: Callable[[], None] | None = None  # called from any thread when a batch completes
+        self.notify: Callable[[], None] | None = (
+            None  # called from any thread when a batch completes
+        )
         self.batches_total = 0
         self.compute_seconds_total = 0.0  # prefill side's compute time of completed batches
         self.roundtrip_seconds_total = 0.0  # dispatch to completion, as this side saw it
@@ -48,13 +56,21 @@ class PrefillDispatcher:
         return self.batch_tokens if len(self.in_flight) < self.max_in_flight else 0
 
     def dispatch(self, seqs: list[Sequence], num_cores: int) -> None:
-        tasks = [PrefillTask(
-            request_id=seq.request_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
-            num_computed_tokens=seq.num_computed_tokens, page_table=list(seq.page_table), params=seq.params,
-            generator_state=seq.generator.get_state() if seq.generator is not None else None,
-            token_bitmask=seq.token_bitmask, eos_token_ids=seq.eos_token_ids,
-            next_prompt_logprob=seq.next_prompt_logprob)
-            for seq in seqs]
+        tasks = [
+            PrefillTask(
+                request_id=seq.request_id,
+                token_ids=list(seq.token_ids),
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_computed_tokens=seq.num_computed_tokens,
+                page_table=list(seq.page_table),
+                params=seq.params,
+                generator_state=seq.generator.get_state() if seq.generator is not None else None,
+                token_bitmask=seq.token_bitmask,
+                eos_token_ids=seq.eos_token_ids,
+                next_prompt_logprob=seq.next_prompt_logprob,
+            )
+            for seq in seqs
+        ]
         batch = PrefillBatch(self.storage, tasks)
         try:
             future = self.executor.submit(batch)
@@ -85,4 +101,6 @@ class PrefillDispatcher:
     def wait(self, timeout: float | None = None) -> None:
         """Block until some in-flight batch completes (or the timeout passes)."""
         if self.in_flight:
-            cf.wait([f.future for f in self.in_flight], timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            cf.wait(
+                [f.future for f in self.in_flight], timeout=timeout, return_when=cf.FIRST_COMPLETED
+            )

@@ -1,15 +1,14 @@
 """What crosses between the decode process and the prefill process in Semi-PD: page ids, token ids
 and sampling state, never KV bytes (the pages themselves are in the shared pool)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from edgeacc_ray.engine.request import EngineUnavailable
-from edgeacc_ray.engine.request import TokenLogprob
-from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.engine.kv import StorageSpec
+from edgeacc_ray.engine.request import EngineUnavailable, SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -25,7 +24,9 @@ class PrefillTask:
     generator_state: torch.Tensor | None = None  # a seeded request's RNG state
     token_bitmask: torch.Tensor | None = None  # a constrained request's allowed first tokens
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens
-    next_prompt_logprob: int | None = None  # params.prompt_logprobs: the first prompt token to score (None: done)
+    next_prompt_logprob: int | None = (
+        None  # params.prompt_logprobs: the first prompt token to score (None: done)
+    )
 
 
 @dataclass
@@ -40,7 +41,9 @@ class PrefillResult:
     token_id: int
     logprob: TokenLogprob | None
     generator_state: torch.Tensor | None
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # from task.next_prompt_logprob on
+    prompt_logprobs: list[TokenLogprob] = field(
+        default_factory=list
+    )  # from task.next_prompt_logprob on
 
 
 @dataclass

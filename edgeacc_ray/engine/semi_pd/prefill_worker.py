@@ -2,6 +2,7 @@
 decode side granted, and samples each prompt's first token. It owns nothing: the weights, the pool
 and the page allocation belong to the decode process, whose segment (CPU) or device arena (CUDA IPC)
 it maps on first sight (and maps again when the decode process was replaced and sends a new one)."""
+
 from __future__ import annotations
 
 import os
@@ -9,17 +10,33 @@ import time
 
 import torch
 
-from edgeacc_ray.engine.split import ControlBlock, CoreSplitFollower
-from edgeacc_ray.engine.kv import CudaMappedStorage, CudaStorageSpec, map_cuda_storage
 from edgeacc_ray.engine.hardware import CudaRunnerOptions, resolve_attention
+from edgeacc_ray.engine.kv import (
+    CudaMappedStorage,
+    CudaStorageSpec,
+    MappedStorage,
+    StorageSpec,
+    map_cuda_storage,
+    map_storage,
+)
+from edgeacc_ray.engine.request import Sequence
 from edgeacc_ray.engine.runner import ModelRunner
-from edgeacc_ray.engine.semi_pd.prefill_messages import (PrefillBatch, PrefillBatchResult, PrefillResult, PrefillTask,
-                                                 StorageProbe)
 from edgeacc_ray.engine.sampling import sample
 from edgeacc_ray.engine.scheduling import ScheduledBatch
-from edgeacc_ray.engine.request import Sequence
-from edgeacc_ray.engine.split import SmSplitFollower, SmSplitReport, start_follower
-from edgeacc_ray.engine.kv import MappedStorage, StorageSpec, map_storage
+from edgeacc_ray.engine.semi_pd.prefill_messages import (
+    PrefillBatch,
+    PrefillBatchResult,
+    PrefillResult,
+    PrefillTask,
+    StorageProbe,
+)
+from edgeacc_ray.engine.split import (
+    ControlBlock,
+    CoreSplitFollower,
+    SmSplitFollower,
+    SmSplitReport,
+    start_follower,
+)
 
 
 class PrefillWorker:
@@ -52,7 +69,9 @@ class PrefillWorker:
                 tokens, logprobs = sample(logits, samplers)
                 for seq, token, logprob in zip(samplers, tokens, logprobs):
                     state = seq.generator.get_state() if seq.generator is not None else None
-                    results.append(PrefillResult(seq.request_id, token, logprob, state, seq.prompt_logprobs))
+                    results.append(
+                        PrefillResult(seq.request_id, token, logprob, state, seq.prompt_logprobs)
+                    )
             pending = [seq for seq in pending if seq.num_uncomputed_tokens > 0]
         return PrefillBatchResult(results, time.perf_counter() - start)
 
@@ -68,10 +87,16 @@ class PrefillWorker:
         on_cuda = kv is not None and kv.is_cuda
         sums = page_sums(kv, pages) if kv is not None else []
         return StorageProbe(
-            pid=os.getpid(), storage_name=self.storage_name, kv_cache_ptr=kv.data_ptr() if kv is not None else 0,
-            weight_ptr=self.storage.model.model.embed_tokens.weight.data_ptr() if kv is not None else 0,
+            pid=os.getpid(),
+            storage_name=self.storage_name,
+            kv_cache_ptr=kv.data_ptr() if kv is not None else 0,
+            weight_ptr=self.storage.model.model.embed_tokens.weight.data_ptr()
+            if kv is not None
+            else 0,
             device=str(kv.device) if kv is not None else "none",
-            own_allocated_bytes=torch.cuda.memory_allocated(kv.device) if on_cuda else 0, page_sums=sums)
+            own_allocated_bytes=torch.cuda.memory_allocated(kv.device) if on_cuda else 0,
+            page_sums=sums,
+        )
 
     def split_report(self) -> SmSplitReport | None:
         """The SM split as this process applies it (CUDA storage only)."""
@@ -84,20 +109,34 @@ class PrefillWorker:
         if isinstance(spec, CudaStorageSpec):  # the decode process's device arena, over CUDA IPC
             storage = map_cuda_storage(spec)
             num_pages, page_size = storage.kv_cache.shape[3], storage.kv_cache.shape[4]
-            cuda = CudaRunnerOptions(resolve_attention("auto", "cuda"), False, 1, num_pages * page_size)
-            self.runner = ModelRunner(storage.model, storage.args, num_pages, page_size, kv_cache=storage.kv_cache,
-                                      cuda=cuda)
-            self.follower = start_follower(ControlBlock(storage.control), "prefill", storage.kv_cache.device.index or 0)
+            cuda = CudaRunnerOptions(
+                resolve_attention("auto", "cuda"), False, 1, num_pages * page_size
+            )
+            self.runner = ModelRunner(
+                storage.model,
+                storage.args,
+                num_pages,
+                page_size,
+                kv_cache=storage.kv_cache,
+                cuda=cuda,
+            )
+            self.follower = start_follower(
+                ControlBlock(storage.control), "prefill", storage.kv_cache.device.index or 0
+            )
         else:
             storage = map_storage(spec)
             num_pages, page_size = storage.kv_cache.shape[3], storage.kv_cache.shape[4]
-            self.runner = ModelRunner(storage.model, storage.args, num_pages, page_size, kv_cache=storage.kv_cache)
+            self.runner = ModelRunner(
+                storage.model, storage.args, num_pages, page_size, kv_cache=storage.kv_cache
+            )
             self.follower = CoreSplitFollower(ControlBlock(storage.control), "prefill")
         self.storage, self.storage_name = storage, spec.name
 
 
 def _sequence(task: PrefillTask) -> Sequence:
-    seq = Sequence(task.request_id, task.token_ids[:task.num_prompt_tokens], task.params, arrival_time=0.0)
+    seq = Sequence(
+        task.request_id, task.token_ids[: task.num_prompt_tokens], task.params, arrival_time=0.0
+    )
     seq.token_ids = list(task.token_ids)
     seq.page_table = list(task.page_table)
     seq.num_computed_tokens = task.num_computed_tokens

@@ -1,6 +1,7 @@
 """A prefill process for the offline engine and tests: one spawned child running a `PrefillWorker`
 (the deployments use a Ray Serve PrefillServer instead). Spawned, not forked: the child must map
 the pool and weights from the shared segment, not inherit the parent's copy."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -45,8 +46,12 @@ def _pid() -> int:
 class ProcessPrefillExecutor:
     def __init__(self, max_num_batched_tokens: int, mps_share: int | None = None) -> None:
         """`mps_share`: the child's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (CUDA Semi-PD), set before CUDA starts."""
-        self._pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn"),
-                                            initializer=_start, initargs=(max_num_batched_tokens, mps_share))
+        self._pool = cf.ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=mp.get_context("spawn"),
+            initializer=_start,
+            initargs=(max_num_batched_tokens, mps_share),
+        )
         self.pid = self._pool.submit(_pid).result()
 
     def submit(self, batch: PrefillBatch) -> cf.Future:

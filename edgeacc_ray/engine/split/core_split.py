@@ -4,6 +4,7 @@ The decode process decides (engine/split/split_controller.py) and publishes the 
 of the shared segment; each process applies its part at its own step boundary (`CoreSplitFollower`),
 so cores move between the phases live, with no restart and no message on the request path.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

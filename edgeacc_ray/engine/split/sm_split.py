@@ -13,6 +13,7 @@ Without MPS the two processes time-share the GPU (kernels of different processes
 split would buy nothing, and a warning says so. With MPS but without green contexts in this torch
 build, each process keeps its start share (Semi-PD's fixed overlapping split: prefill 80, decode 100).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,7 +34,9 @@ MPS_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 MPS_PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 MPS_DEFAULT_PIPE = "/tmp/nvidia-mps"
 DEFAULT_LEVELS = (30, 50, 70, 100)  # pre-created partitions, in percent of the SMs
-GREEN_SM_GRANULARITY = 8  # green contexts split SMs in groups (8 on Hopper); counts are rounded down to it
+GREEN_SM_GRANULARITY = (
+    8  # green contexts split SMs in groups (8 on Hopper); counts are rounded down to it
+)
 
 
 class SmSplitMode(str, Enum):
@@ -69,7 +72,9 @@ def set_mps_share(percentage: int) -> None:
     if not 1 <= percentage <= 100:
         raise ValueError(f"an MPS share is 1..100 percent, got {percentage}")
     if torch.cuda.is_initialized():
-        raise MpsShareTooLate(f"CUDA already started in pid {os.getpid()}: {MPS_PERCENTAGE_ENV} would be ignored")
+        raise MpsShareTooLate(
+            f"CUDA already started in pid {os.getpid()}: {MPS_PERCENTAGE_ENV} would be ignored"
+        )
     os.environ[MPS_PERCENTAGE_ENV] = str(percentage)
 
 
@@ -129,8 +134,11 @@ class GreenContexts:
 
         total = torch.cuda.get_device_properties(device_index).multi_processor_count
         self.sm_counts = {level: partitions.num_sms(level, total) for level in partitions.levels}
-        self.contexts = {level: GreenContext.create(num_sms=sms, device_id=device_index)
-                         for level, sms in self.sm_counts.items() if sms < total}
+        self.contexts = {
+            level: GreenContext.create(num_sms=sms, device_id=device_index)
+            for level, sms in self.sm_counts.items()
+            if sms < total
+        }
         self.level: int | None = None
         self._active = None
 
@@ -157,13 +165,17 @@ def _call(context, *names: str) -> None:
     raise AttributeError(f"green context has none of {names}")
 
 
-def make_applier(mode: SmSplitMode, partitions: SmPartitions, device_index: int) -> PartitionApplier:
+def make_applier(
+    mode: SmSplitMode, partitions: SmPartitions, device_index: int
+) -> PartitionApplier:
     """Green contexts where the mode allows and creation succeeds; a fixed share otherwise (logged)."""
     if mode is SmSplitMode.GREEN_CONTEXTS:
         try:
             return GreenContexts(partitions, device_index)
         except (RuntimeError, AttributeError) as exc:
-            log.warning("green contexts unavailable (%s): each process keeps its MPS start share", exc)
+            log.warning(
+                "green contexts unavailable (%s): each process keeps its MPS start share", exc
+            )
     return FixedShare()
 
 
@@ -181,8 +193,14 @@ class SmSplitReport:
 class SmSplitFollower(SplitFollower):
     """Applies one role's share of the published split (in SM units) at this process's step boundary."""
 
-    def __init__(self, control: ControlBlock, role: str, mode: SmSplitMode, applier: PartitionApplier,
-                 partitions: SmPartitions = SmPartitions()) -> None:
+    def __init__(
+        self,
+        control: ControlBlock,
+        role: str,
+        mode: SmSplitMode,
+        applier: PartitionApplier,
+        partitions: SmPartitions = SmPartitions(),
+    ) -> None:
         super().__init__(control, role)
         self.mode, self.applier, self.partitions = mode, applier, partitions
 
@@ -191,20 +209,35 @@ class SmSplitFollower(SplitFollower):
             self.applier.use(self.partitions.choose(len(units)))
 
     def report(self) -> SmSplitReport:
-        return SmSplitReport(self.role, self.mode.value, os.environ.get(MPS_PERCENTAGE_ENV), self.applier.level,
-                             dict(getattr(self.applier, "sm_counts", {})))
+        return SmSplitReport(
+            self.role,
+            self.mode.value,
+            os.environ.get(MPS_PERCENTAGE_ENV),
+            self.applier.level,
+            dict(getattr(self.applier, "sm_counts", {})),
+        )
 
 
-def start_follower(control: ControlBlock, role: str, device_index: int,
-                   partitions: SmPartitions = SmPartitions(), live: bool = True) -> SmSplitFollower:
+def start_follower(
+    control: ControlBlock,
+    role: str,
+    device_index: int,
+    partitions: SmPartitions = SmPartitions(),
+    live: bool = True,
+) -> SmSplitFollower:
     """The follower of this process, its mode detected here (warns when the GPU can only be time-shared).
     `live=False` keeps the start share (the decode side with CUDA graphs: a graph is bound to the
     context it was captured in, so it cannot be replayed inside a green context)."""
     mode = detect_mode(mps_running(), live and green_contexts_supported())
     if mode is SmSplitMode.TIME_SHARING:
-        log.warning("Semi-PD on CUDA without MPS (no %s/control): prefill and decode time-share the GPU, "
-                    "the SM split is not applied", mps_pipe_directory())
-    return SmSplitFollower(control, role, mode, make_applier(mode, partitions, device_index), partitions)
+        log.warning(
+            "Semi-PD on CUDA without MPS (no %s/control): prefill and decode time-share the GPU, "
+            "the SM split is not applied",
+            mps_pipe_directory(),
+        )
+    return SmSplitFollower(
+        control, role, mode, make_applier(mode, partitions, device_index), partitions
+    )
 
 
 PREFILL_MPS_SHARE = 80  # Semi-PD's default prefill ceiling (decode keeps 100: the shares overlap)

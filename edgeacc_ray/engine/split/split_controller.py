@@ -14,12 +14,13 @@
   toward the phase that misses its target while the other has headroom (< 80% of its target); each
   phase always keeps at least one core (Semi-PD's floor).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeacc_ray.engine.split.core_split import CoreSplit
 from edgeacc_ray.engine.request import LatencyTarget, TargetStats
+from edgeacc_ray.engine.split.core_split import CoreSplit
 
 HEADROOM = 0.8
 MIN_SAMPLES = 8  # a window stays open until it has this many samples (of each kind it needs)
@@ -59,7 +60,9 @@ class SplitController:
     _prefill_busy_at: float = float("-inf")
     _decode_busy_at: float = float("-inf")
     _split: CoreSplit | None = None
-    _rates: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)  # (role, cores) -> (ewma, n)
+    _rates: dict[tuple[str, int], tuple[float, int]] = field(
+        default_factory=dict
+    )  # (role, cores) -> (ewma, n)
     _probe_at: float = 0.0
     ttft_target: LatencyTarget = field(init=False)
     tpot_target: LatencyTarget = field(init=False)
@@ -117,7 +120,12 @@ class SplitController:
             decode_idle = now - self._decode_busy_at > self.idle_grace_s
             if self.lend_idle_cores and prefill_idle and self.lending_helps("decode"):
                 k = 0
-            elif self.lend_idle_cores and decode_idle and not prefill_idle and self.lending_helps("prefill"):
+            elif (
+                self.lend_idle_cores
+                and decode_idle
+                and not prefill_idle
+                and self.lending_helps("prefill")
+            ):
                 k = n
             split = CoreSplit(cores[:k], cores[k:])
         if split != self._split:

@@ -3,6 +3,19 @@ ranks 1..N-1 as Ray actors on the same node, one collective group, bounded so a 
 the engine instead of hanging it."""
 
 from edgeacc_ray.engine.tp.messages import WorkerSpec
-from edgeacc_ray.engine.tp.ranks import Rank0Model, TensorParallelRanks, new_group_name, node_address, rank_bundle
+from edgeacc_ray.engine.tp.ranks import (
+    Rank0Model,
+    TensorParallelRanks,
+    new_group_name,
+    node_address,
+    rank_bundle,
+)
 
-__all__ = ["Rank0Model", "TensorParallelRanks", "WorkerSpec", "new_group_name", "node_address", "rank_bundle"]
+__all__ = [
+    "Rank0Model",
+    "TensorParallelRanks",
+    "WorkerSpec",
+    "new_group_name",
+    "node_address",
+    "rank_bundle",
+]

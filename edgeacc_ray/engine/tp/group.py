@@ -12,6 +12,7 @@ all-reduces go over NCCL on CUDA and over the same gloo group on the CPU. NCCL e
 in its watchdog, which by default ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING): for rank 0,
 a Serve replica, that too ends in a restart of the whole group rather than a hang.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -28,8 +29,13 @@ logger = logging.getLogger(__name__)
 
 def host_store(host: str, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous, on a free port (`.port`) of `host`."""
-    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        host,
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -39,27 +45,41 @@ def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
 class TPGroup:
     """Joining blocks until all `world_size` ranks have joined (bounded by `timeout_s`)."""
 
-    def __init__(self, store: dist.Store, group_name: str, rank: int, world_size: int, device: str,
-                 timeout_s: float) -> None:
+    def __init__(
+        self,
+        store: dist.Store,
+        group_name: str,
+        rank: int,
+        world_size: int,
+        device: str,
+        timeout_s: float,
+    ) -> None:
         self.rank, self.world_size = rank, world_size
         timeout = datetime.timedelta(seconds=timeout_s)
         self.broken: TensorParallelFailure | None = None
         try:
-            self._cpu = dist.ProcessGroupGloo(dist.PrefixStore(f"{group_name}/gloo", store), rank, world_size, timeout)
+            self._cpu = dist.ProcessGroupGloo(
+                dist.PrefixStore(f"{group_name}/gloo", store), rank, world_size, timeout
+            )
             self._device = self._cpu
             if device == "cuda":
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = timeout
-                self._device = dist.ProcessGroupNCCL(dist.PrefixStore(f"{group_name}/nccl", store), rank,
-                                                     world_size, options)
+                self._device = dist.ProcessGroupNCCL(
+                    dist.PrefixStore(f"{group_name}/nccl", store), rank, world_size, options
+                )
         except RuntimeError as exc:
-            raise TensorParallelFailure(f"tensor-parallel rank {rank} could not join its group "
-                                        f"({type(exc).__name__})", code="tp_join_failed") from exc
+            raise TensorParallelFailure(
+                f"tensor-parallel rank {rank} could not join its group ({type(exc).__name__})",
+                code="tp_join_failed",
+            ) from exc
 
     # -- rank 0 -----------------------------------------------------------------------------------
     def send(self, kind: StepKind, payload: torch.Tensor | None = None) -> None:
         """Broadcast a header (kind, payload length) and the payload (an int64 CPU tensor)."""
-        header = torch.tensor([int(kind), 0 if payload is None else payload.numel()], dtype=torch.long)
+        header = torch.tensor(
+            [int(kind), 0 if payload is None else payload.numel()], dtype=torch.long
+        )
         self._broadcast(header)
         if payload is not None:
             self._broadcast(payload)
@@ -89,7 +109,9 @@ class TPGroup:
             except RuntimeError:  # already torn down by a failure
                 pass
         if self.broken is None:
-            self.broken = TensorParallelFailure("the tensor-parallel group was closed", code="tp_closed")
+            self.broken = TensorParallelFailure(
+                "the tensor-parallel group was closed", code="tp_closed"
+            )
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         options = dist.BroadcastOptions()
@@ -103,6 +125,7 @@ class TPGroup:
             op()
         except RuntimeError as exc:  # gloo: a peer closed its connection, or the timeout passed
             logger.error("tensor-parallel rank %d: %s failed: %s", self.rank, what, exc)
-            self.broken = TensorParallelFailure("a tensor-parallel rank of the engine stopped answering",
-                                                code="tp_rank_lost")
+            self.broken = TensorParallelFailure(
+                "a tensor-parallel rank of the engine stopped answering", code="tp_rank_lost"
+            )
             raise self.broken from exc

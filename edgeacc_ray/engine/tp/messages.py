@@ -5,6 +5,7 @@ Under tensor parallelism the decode workspace is off (its rows are rank 0's book
 attention needs only the new tokens' pool slots, the decode rows' page tables and lengths, and the
 prefill chunks: all integers, packed into one int64 tensor for a single broadcast.
 """
+
 from __future__ import annotations
 
 import enum
@@ -74,20 +75,29 @@ class StepInputs:
     prefill_page_ids: torch.Tensor  # [sum of num_pages], the chunks' pages in order
 
     @classmethod
-    def from_forward(cls, input_ids: torch.Tensor, positions: torch.Tensor,
-                     meta: AttentionMetadata) -> "StepInputs":
+    def from_forward(
+        cls, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> "StepInputs":
         """The inputs of the forward rank 0 is about to run (ModelRunner's paged path only)."""
         if meta.num_workspace or meta.workspace is not None:
             raise ValueError("the decode workspace is off under tensor parallelism")
         batch = meta.num_decode
         if batch:
             table = meta.decode_page_table
-            lengths = (meta.paged_mask == 0).sum(dim=1)  # the mask is 0 up to each row's length, -inf after
+            lengths = (meta.paged_mask == 0).sum(
+                dim=1
+            )  # the mask is 0 up to each row's length, -inf after
         else:
             table, lengths = torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        chunks = tuple(PrefillRows(c.start, c.num_tokens, c.context_len, len(c.page_ids)) for c in meta.prefills)
-        page_ids = (torch.cat([c.page_ids.cpu() for c in meta.prefills]) if meta.prefills
-                    else torch.zeros(0, dtype=torch.long))
+        chunks = tuple(
+            PrefillRows(c.start, c.num_tokens, c.context_len, len(c.page_ids))
+            for c in meta.prefills
+        )
+        page_ids = (
+            torch.cat([c.page_ids.cpu() for c in meta.prefills])
+            if meta.prefills
+            else torch.zeros(0, dtype=torch.long)
+        )
         return cls(input_ids, positions, meta.slot_mapping, table, lengths, chunks, page_ids)
 
     def pack(self) -> torch.Tensor:
@@ -96,26 +106,38 @@ class StepInputs:
         head = [len(self.input_ids), batch, width, len(self.prefills)]
         for c in self.prefills:
             head += [c.start, c.num_tokens, c.context_len, c.num_pages]
-        arrays = [self.input_ids, self.positions, self.slot_mapping, self.decode_page_table.reshape(-1),
-                  self.decode_lengths, self.prefill_page_ids]
+        arrays = [
+            self.input_ids,
+            self.positions,
+            self.slot_mapping,
+            self.decode_page_table.reshape(-1),
+            self.decode_lengths,
+            self.prefill_page_ids,
+        ]
         return torch.cat([torch.tensor(head, dtype=torch.long)] + [a.cpu().long() for a in arrays])
 
     @classmethod
     def unpack(cls, flat: torch.Tensor) -> "StepInputs":
         tokens, batch, width, num_chunks = flat[:4].tolist()
-        rows = flat[4:4 + 4 * num_chunks].view(-1, 4).tolist()
+        rows = flat[4 : 4 + 4 * num_chunks].view(-1, 4).tolist()
         chunks = tuple(PrefillRows(*row) for row in rows)
         sizes = [tokens, tokens, tokens, batch * width, batch, sum(c.num_pages for c in chunks)]
-        ids, positions, slots, table, lengths, page_ids = flat[4 + 4 * num_chunks:].split(sizes)
+        ids, positions, slots, table, lengths, page_ids = flat[4 + 4 * num_chunks :].split(sizes)
         return cls(ids, positions, slots, table.view(batch, width), lengths, chunks, page_ids)
 
     def metadata(self, device: torch.device | str, page_size: int) -> AttentionMetadata:
         """The AttentionMetadata rank 0 built for this step, rebuilt here (same values)."""
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping.to(device), num_decode=len(self.decode_lengths),
-                                 decode_mask=None, prefills=[])
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping.to(device),
+            num_decode=len(self.decode_lengths),
+            decode_mask=None,
+            prefills=[],
+        )
         pages = self.prefill_page_ids.split([c.num_pages for c in self.prefills])
-        meta.prefills = [PrefillChunk(c.start, c.num_tokens, c.context_len, p.to(device))
-                         for c, p in zip(self.prefills, pages)]
+        meta.prefills = [
+            PrefillChunk(c.start, c.num_tokens, c.context_len, p.to(device))
+            for c, p in zip(self.prefills, pages)
+        ]
         if meta.num_decode:
             span = self.decode_page_table.shape[1] * page_size
             visible = torch.arange(span)[None, :] < self.decode_lengths[:, None]

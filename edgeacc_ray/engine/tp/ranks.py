@@ -12,6 +12,7 @@ timeout (a killed rank: at once, its connections close); a rank lost while the e
 found by the next heartbeat. Either way `healthy()` turns False for good: the engine replica fails
 its health check and Serve replaces it, which builds a new group.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,13 +41,16 @@ logger = logging.getLogger(__name__)
 # Ray refuses a bundle with no resource in it; engine processes account 0 CPUs (a 2-core box holds no 1-CPU replica), so each
 # rank's bundle reserves a sliver of one, enough for STRICT_PACK to pack them on one node.
 MIN_BUNDLE_CPU = 0.01
-PLACEMENT_TIMEOUT_S = 120.0  # the ranks' bundles are placed within this, or the engine does not start
+PLACEMENT_TIMEOUT_S = (
+    120.0  # the ranks' bundles are placed within this, or the engine does not start
+)
 LOAD_TIMEOUT_S = 1800.0  # every rank has loaded its shard within this
 MAX_HEARTBEAT_S = 2.0
 
 
-def rank_bundle(num_cpus: float = 0.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None
-                ) -> dict[str, float]:
+def rank_bundle(
+    num_cpus: float = 0.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None
+) -> dict[str, float]:
     """One rank's placement-group bundle: what its process asks Ray for (at least MIN_BUNDLE_CPU)."""
     bundle = {"CPU": max(float(num_cpus), MIN_BUNDLE_CPU), **(resources or {})}
     if num_gpus:
@@ -57,15 +61,26 @@ def rank_bundle(num_cpus: float = 0.0, num_gpus: float = 0.0, resources: dict[st
 class TensorParallelRanks:
     """Use `start`; `model` is the sharded model as the engine's ModelRunner drives it."""
 
-    def __init__(self, workers: list[Any], infos: list[RankInfo], loops: list[Any], group: TPGroup, placement: Any,
-                 owns_placement: bool, store: Any, timeout_s: float) -> None:
+    def __init__(
+        self,
+        workers: list[Any],
+        infos: list[RankInfo],
+        loops: list[Any],
+        group: TPGroup,
+        placement: Any,
+        owns_placement: bool,
+        store: Any,
+        timeout_s: float,
+    ) -> None:
         self.workers, self.infos, self._loops, self.group = workers, infos, loops, group
         self.placement, self._owns_placement, self._store = placement, owns_placement, store
         self._lock = threading.Lock()  # one message sequence at a time: a step's, or a heartbeat
         self._last_sent = time.monotonic()
         self._interval = min(MAX_HEARTBEAT_S, timeout_s / 4)
         self._stopped = threading.Event()
-        self._heartbeat = threading.Thread(target=self._beat, name="edgeacc-tp-heartbeat", daemon=True)
+        self._heartbeat = threading.Thread(
+            target=self._beat, name="edgeacc-tp-heartbeat", daemon=True
+        )
         self._heartbeat.start()
 
     @classmethod
@@ -79,8 +94,11 @@ class TensorParallelRanks:
         from edgeacc_ray.engine.tp.worker import TPWorker
 
         if not ray.is_initialized():
-            raise TensorParallelFailure("tensor_parallel_size > 1 needs a Ray cluster (ranks 1.. are Ray actors): "
-                                        "call ray.init() before starting the engine", code="tp_no_ray")
+            raise TensorParallelFailure(
+                "tensor_parallel_size > 1 needs a Ray cluster (ranks 1.. are Ray actors): "
+                "call ray.init() before starting the engine",
+                code="tp_no_ray",
+            )
         placement, owned = _placement(spec)
         store, workers, loops = None, [], []
         try:
@@ -88,9 +106,17 @@ class TensorParallelRanks:
             spec = _with(spec, store_port=store.port)
             actor = ray.remote(TPWorker)
             for rank in range(1, spec.world_size):
-                strategy = PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)
-                workers.append(actor.options(num_cpus=0, num_gpus=1 if spec.device == "cuda" else 0, max_restarts=0,
-                                             scheduling_strategy=strategy).remote(_with(spec, rank=rank)))
+                strategy = PlacementGroupSchedulingStrategy(
+                    placement, placement_group_bundle_index=rank
+                )
+                workers.append(
+                    actor.options(
+                        num_cpus=0,
+                        num_gpus=1 if spec.device == "cuda" else 0,
+                        max_restarts=0,
+                        scheduling_strategy=strategy,
+                    ).remote(_with(spec, rank=rank))
+                )
             infos = _wait_ready(workers)
             if spec.device == "cuda":
                 report_peer_access([_own_gpu()] + [info.gpu_ids[0] for info in infos])
@@ -104,11 +130,18 @@ class TensorParallelRanks:
                 ray.util.remove_placement_group(placement)
             if isinstance(exc, TensorParallelFailure) or not isinstance(exc, Exception):
                 raise exc from cause
-            raise TensorParallelFailure(f"the tensor-parallel ranks did not start ({type(exc).__name__}: {exc})",
-                                        code="tp_start_failed") from exc
+            raise TensorParallelFailure(
+                f"the tensor-parallel ranks did not start ({type(exc).__name__}: {exc})",
+                code="tp_start_failed",
+            ) from exc
         wrap_row_parallel(model, group.all_reduce)
-        logger.info("tensor parallelism: %d ranks (rank 0 here, pid %d; the others %s), %s", spec.world_size,
-                    os.getpid(), [(i.rank, i.node_ip, i.pid) for i in infos], "NCCL" if spec.device == "cuda" else "gloo")
+        logger.info(
+            "tensor parallelism: %d ranks (rank 0 here, pid %d; the others %s), %s",
+            spec.world_size,
+            os.getpid(),
+            [(i.rank, i.node_ip, i.pid) for i in infos],
+            "NCCL" if spec.device == "cuda" else "gloo",
+        )
         return cls(workers, infos, loops, group, placement, owned, store, spec.timeout_s)
 
     @contextmanager
@@ -163,8 +196,9 @@ class TensorParallelRanks:
             done, _ = ray.wait(self._loops, num_returns=1, timeout=0)
             if done and self.group.broken is None:
                 logger.error("a tensor-parallel rank's loop ended: %r", _first_failure(done))
-                self.group.broken = TensorParallelFailure("a tensor-parallel rank of the engine is gone",
-                                                          code="tp_rank_lost")
+                self.group.broken = TensorParallelFailure(
+                    "a tensor-parallel rank of the engine is gone", code="tp_rank_lost"
+                )
 
 
 class Rank0Model:
@@ -174,8 +208,13 @@ class Rank0Model:
     def __init__(self, model: CausalLM, ranks: TensorParallelRanks) -> None:
         self.inner, self.ranks = model, ranks
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                 meta: AttentionMetadata) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         with self.ranks.step(StepInputs.from_forward(input_ids, positions, meta)):
             return self.inner(input_ids, positions, kv_caches, meta)
 
@@ -199,21 +238,39 @@ def report_peer_access(gpu_ids: list[int]) -> list[list[bool]]:
     """Log (and return) `torch.cuda.can_device_access_peer` between the ranks' GPUs, rank by rank.
     Each rank's process sees only its own GPU, so the check runs in a child that sees them all."""
     if len(set(gpu_ids)) < len(gpu_ids):
-        raise TensorParallelFailure(f"tensor-parallel ranks share a GPU (physical ids {gpu_ids}); each rank "
-                                    "needs its own", code="tp_shared_gpu")
-    script = ("import json, torch; n = torch.cuda.device_count(); print(json.dumps([[i == j or "
-              "torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]))")
+        raise TensorParallelFailure(
+            f"tensor-parallel ranks share a GPU (physical ids {gpu_ids}); each rank needs its own",
+            code="tp_shared_gpu",
+        )
+    script = (
+        "import json, torch; n = torch.cuda.device_count(); print(json.dumps([[i == j or "
+        "torch.cuda.can_device_access_peer(i, j) for j in range(n)] for i in range(n)]))"
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids))}
     try:
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                             timeout=120, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         matrix = json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError) as exc:
-        logger.warning("tensor parallelism: could not check peer access between GPUs %s: %s", gpu_ids, exc)
+        logger.warning(
+            "tensor parallelism: could not check peer access between GPUs %s: %s", gpu_ids, exc
+        )
         return []
     missing = [(a, b) for a in range(len(matrix)) for b in range(len(matrix)) if not matrix[a][b]]
-    logger.info("tensor parallelism: GPUs %s (rank order), peer access %s%s", gpu_ids, matrix,
-                f"; no P2P between ranks {missing}: NCCL goes through host memory" if missing else ": all pairs")
+    logger.info(
+        "tensor parallelism: GPUs %s (rank order), peer access %s%s",
+        gpu_ids,
+        matrix,
+        f"; no P2P between ranks {missing}: NCCL goes through host memory"
+        if missing
+        else ": all pairs",
+    )
     return matrix
 
 
@@ -226,14 +283,18 @@ def _placement(spec: WorkerSpec) -> tuple[Any, bool]:
     if current is not None and len(current.bundle_specs) >= spec.world_size:
         return current, False
     bundle = rank_bundle(num_gpus=1 if spec.device == "cuda" else 0)
-    pg = placement_group([bundle] * spec.world_size, strategy="STRICT_PACK")  # bundle 0 stands for rank 0
+    pg = placement_group(
+        [bundle] * spec.world_size, strategy="STRICT_PACK"
+    )  # bundle 0 stands for rank 0
     try:
         ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(pg)
-        raise TensorParallelFailure(f"the {spec.world_size} tensor-parallel ranks' bundles ({bundle} each, on one "
-                                    f"node) could not be placed within {PLACEMENT_TIMEOUT_S:.0f} s",
-                                    code="tp_unplaceable") from None
+        raise TensorParallelFailure(
+            f"the {spec.world_size} tensor-parallel ranks' bundles ({bundle} each, on one "
+            f"node) could not be placed within {PLACEMENT_TIMEOUT_S:.0f} s",
+            code="tp_unplaceable",
+        ) from None
     return pg, True
 
 
@@ -244,8 +305,10 @@ def _wait_ready(workers: list[Any]) -> list[RankInfo]:
     try:
         return ray.get([w.ready.remote() for w in workers], timeout=LOAD_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
-        raise TensorParallelFailure(f"the tensor-parallel ranks did not load within {LOAD_TIMEOUT_S:.0f} s",
-                                    code="tp_start_failed") from None
+        raise TensorParallelFailure(
+            f"the tensor-parallel ranks did not load within {LOAD_TIMEOUT_S:.0f} s",
+            code="tp_start_failed",
+        ) from None
 
 
 def _first_failure(loops: list[Any]) -> BaseException | None:

@@ -2,12 +2,13 @@
 of its own KV heads, running every forward rank 0 announces. It never samples and never schedules:
 page allocation, the prefix cache and sampling are rank 0's alone, so the pool's page ids mean the
 same on every rank."""
+
 from __future__ import annotations
 
 import torch
 
-from edgeacc_ray.engine.runner import ModelRunner
 from edgeacc_ray.engine.hardware import configure_cpu, restore_priority
+from edgeacc_ray.engine.runner import ModelRunner
 from edgeacc_ray.engine.tp.group import TPGroup, connect_store
 from edgeacc_ray.engine.tp.messages import RankInfo, StepInputs, StepKind, WorkerSpec
 from edgeacc_ray.models.loader import load_model
@@ -22,9 +23,12 @@ class TPWorker:
         self.spec = spec
         if spec.device == "cpu":
             configure_cpu(spec.num_threads)
-        model, args = load_model(spec.model_path, spec.dtype, spec.device,
-                                 shard=TPShard(spec.rank, spec.world_size))
-        self.runner = ModelRunner(model, args, spec.num_pages, spec.page_size)  # no workspace under TP
+        model, args = load_model(
+            spec.model_path, spec.dtype, spec.device, shard=TPShard(spec.rank, spec.world_size)
+        )
+        self.runner = ModelRunner(
+            model, args, spec.num_pages, spec.page_size
+        )  # no workspace under TP
 
     def ready(self) -> RankInfo:
         """Answers once the shard is loaded (before `run`, which keeps the actor busy for good)."""
@@ -32,8 +36,12 @@ class TPWorker:
 
         import ray
 
-        return RankInfo(self.spec.rank, os.getpid(), ray.util.get_node_ip_address(),
-                        tuple(int(i) for i in ray.get_gpu_ids()))
+        return RankInfo(
+            self.spec.rank,
+            os.getpid(),
+            ray.util.get_node_ip_address(),
+            tuple(int(i) for i in ray.get_gpu_ids()),
+        )
 
     def run(self) -> None:
         """Join the group, then run forwards until rank 0 says STOP. Raises TensorParallelFailure
@@ -41,7 +49,9 @@ class TPWorker:
         restore_priority()  # the thread Ray runs this task on may not be the one __init__ ran on
         spec = self.spec
         store = connect_store(spec.store_host, spec.store_port, spec.timeout_s)
-        group = TPGroup(store, spec.group_name, spec.rank, spec.world_size, spec.device, spec.timeout_s)
+        group = TPGroup(
+            store, spec.group_name, spec.rank, spec.world_size, spec.device, spec.timeout_s
+        )
         wrap_row_parallel(self.runner.model, group.all_reduce)
         try:
             self._loop(group)
@@ -59,5 +69,9 @@ class TPWorker:
                 continue
             inputs = StepInputs.unpack(payload)
             meta = inputs.metadata(runner.device, runner.page_size)
-            runner.model(inputs.input_ids.to(runner.device), inputs.positions.to(runner.device),
-                         runner.kv_caches, meta)
+            runner.model(
+                inputs.input_ids.to(runner.device),
+                inputs.positions.to(runner.device),
+                runner.kv_caches,
+                meta,
+            )

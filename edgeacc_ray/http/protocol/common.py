@@ -1,5 +1,6 @@
 """What the OpenAI and SGLang request shapes share: the base model that rejects text a tokenizer
 cannot take (lone surrogates), ids, timestamps and usage."""
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,9 @@ def _find_surrogate(value: Any, path: str) -> str | None:
     else:
         return None
     for key, item in items:
-        found = _find_surrogate(key, path) or _find_surrogate(item, f"{path}.{key}" if path else str(key))
+        found = _find_surrogate(key, path) or _find_surrogate(
+            item, f"{path}.{key}" if path else str(key)
+        )
         if found:
             return found
     return None
@@ -42,7 +45,9 @@ class RequestModel(BaseModel):
     def _valid_unicode(cls, data: Any) -> Any:
         where = _find_surrogate(data, "")
         if where is not None:
-            raise ValueError(f"{where} holds a lone UTF-16 surrogate (such as \\ud800): text must be valid Unicode")
+            raise ValueError(
+                f"{where} holds a lone UTF-16 surrogate (such as \\ud800): text must be valid Unicode"
+            )
         return data
 
 
@@ -77,8 +82,9 @@ class StreamUsage:
         opts = req.stream_options
         return cls(bool(opts and opts.include_usage), bool(opts and opts.continuous_usage_stats))
 
-    def add(self, chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int,
-            cached_tokens: int) -> dict[str, Any]:
+    def add(
+        self, chunk: dict[str, Any], prompt_tokens: int, completion_tokens: int, cached_tokens: int
+    ) -> dict[str, Any]:
         """The chunk, with its usage so far when `continuous`."""
         if self.continuous:
             chunk["usage"] = usage_dict(prompt_tokens, completion_tokens, cached_tokens)

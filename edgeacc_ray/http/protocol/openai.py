@@ -1,5 +1,6 @@
 """OpenAI request shapes: /v1/chat/completions and /v1/completions, with the usual vLLM/SGLang
 extensions (top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids, ...)."""
+
 from __future__ import annotations
 
 from typing import Any, Literal, Union
@@ -98,7 +99,9 @@ class SamplingFields(RequestModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
-    prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt tokens (top k), not with stream
+    prompt_logprobs: int | None = (
+        None  # vLLM: logprobs of the prompt tokens (top k), not with stream
+    )
     min_tokens: int = 0
     response_format: ResponseFormat | None = None  # on completions too, as vLLM
     # vLLM parameters this server does not implement, declared so that a request setting them is

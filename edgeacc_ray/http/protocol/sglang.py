@@ -1,4 +1,5 @@
 """SGLang's native request shape: /generate, with `sampling_params` as `sglang.srt.sampling.sampling_params`."""
+
 from __future__ import annotations
 
 from typing import Any, Union
@@ -64,8 +65,9 @@ class GenerateRequest(RequestModel):
     return_hidden_states: bool = False
 
 
-def sglang_finish_reason(reason: str | None, stop_reason: Any, max_new_tokens: int,
-                         last_token: int | None) -> dict[str, Any] | None:
+def sglang_finish_reason(
+    reason: str | None, stop_reason: Any, max_new_tokens: int, last_token: int | None
+) -> dict[str, Any] | None:
     if reason is None:
         return None
     if reason == "length":

@@ -1,5 +1,6 @@
 """Everything that is not generation: the model list, health, server and model info (SGLang),
 the prefix cache flush and /metrics."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,9 +26,15 @@ def router(ctx: ApiContext) -> APIRouter:
 
     def model_card() -> dict[str, Any]:
         info = ctx.health.info or {}
-        return {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "edgeacc-ray",
-                "root": info.get("model_path", ctx.config.model), "parent": None,
-                "max_model_len": info.get("max_model_len")}
+        return {
+            "id": ctx.model_name,
+            "object": "model",
+            "created": ctx.created,
+            "owned_by": "edgeacc-ray",
+            "root": info.get("model_path", ctx.config.model),
+            "parent": None,
+            "max_model_len": info.get("max_model_len"),
+        }
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -49,25 +56,38 @@ def router(ctx: ApiContext) -> APIRouter:
         """Generate one token through the whole path (SGLang's deep health check)."""
         ctx.health.require()
         ids = ctx.pre.tokenizer.encode("ping", add_special_tokens=True) or [0]
-        req = EngineRequest(ctx.client, new_id("health"), ids, SamplingParams(max_tokens=1, temperature=0.0), {})
+        req = EngineRequest(
+            ctx.client, new_id("health"), ids, SamplingParams(max_tokens=1, temperature=0.0), {}
+        )
         try:
             await asyncio.wait_for(_run(req), timeout=HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise unavailable("the engine did not generate a token in time", code="unhealthy") from None
+            raise unavailable(
+                "the engine did not generate a token in time", code="unhealthy"
+            ) from None
         except APIError as exc:
             if exc.status == 429:  # busy serving others: its refusal came from a live engine
                 return Response(status_code=200)
-            raise unavailable(f"the engine did not generate: {exc.message}", code="unhealthy") from None
+            raise unavailable(
+                f"the engine did not generate: {exc.message}", code="unhealthy"
+            ) from None
         return Response(status_code=200)
 
     @api.get("/get_model_info")
     async def get_model_info() -> dict[str, Any]:
         info = ctx.health.require()
-        return {"model_path": info.get("model_path"), "tokenizer_path": ctx.pre.tokenizer_path,
-                "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
-                "has_image_understanding": False, "has_audio_understanding": False,
-                "served_model_name": ctx.model_name, "max_model_len": info.get("max_model_len"),
-                "model_info": info}
+        return {
+            "model_path": info.get("model_path"),
+            "tokenizer_path": ctx.pre.tokenizer_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "has_image_understanding": False,
+            "has_audio_understanding": False,
+            "served_model_name": ctx.model_name,
+            "max_model_len": info.get("max_model_len"),
+            "model_info": info,
+        }
 
     @api.get("/get_server_info")
     async def get_server_info() -> dict[str, Any]:
@@ -75,17 +95,30 @@ def router(ctx: ApiContext) -> APIRouter:
         stats = await ctx.stats()
         internal = {}
         if stats is not None:
-            internal = {"num_running_reqs": stats.num_running, "num_queue_reqs": stats.num_waiting,
-                        "token_usage": min(max(stats.kv_usage, 0.0), 1.0), "cache_hit_rate": stats.cache_hit_rate,
-                        "num_free_pages": stats.num_free_pages, "num_total_pages": stats.num_total_pages,
-                        "num_cached_pages": stats.num_cached_pages,
-                        "requests_finished_total": stats.requests_finished_total,
-                        "requests_aborted_total": stats.requests_aborted_total,
-                        "num_prefilling_reqs": stats.num_prefilling,
-                        "semi_pd_split": dataclasses.asdict(stats.split) if stats.split is not None else None,
-                        "slo_targets": {t.name: dataclasses.asdict(t) for t in stats.targets}}
-        return {**ctx.config.public_dict(), "served_model_name": ctx.model_name, "model_info": info,
-                "internal_states": [internal], "version": edgeacc_ray.__version__, "mode": ctx.config.pd_mode}
+            internal = {
+                "num_running_reqs": stats.num_running,
+                "num_queue_reqs": stats.num_waiting,
+                "token_usage": min(max(stats.kv_usage, 0.0), 1.0),
+                "cache_hit_rate": stats.cache_hit_rate,
+                "num_free_pages": stats.num_free_pages,
+                "num_total_pages": stats.num_total_pages,
+                "num_cached_pages": stats.num_cached_pages,
+                "requests_finished_total": stats.requests_finished_total,
+                "requests_aborted_total": stats.requests_aborted_total,
+                "num_prefilling_reqs": stats.num_prefilling,
+                "semi_pd_split": dataclasses.asdict(stats.split)
+                if stats.split is not None
+                else None,
+                "slo_targets": {t.name: dataclasses.asdict(t) for t in stats.targets},
+            }
+        return {
+            **ctx.config.public_dict(),
+            "served_model_name": ctx.model_name,
+            "model_info": info,
+            "internal_states": [internal],
+            "version": edgeacc_ray.__version__,
+            "mode": ctx.config.pd_mode,
+        }
 
     @api.get("/flush_cache")
     @api.post("/flush_cache")

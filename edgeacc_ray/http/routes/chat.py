@@ -1,4 +1,5 @@
 """POST /v1/chat/completions (OpenAI), streaming and not."""
+
 from __future__ import annotations
 
 from typing import AsyncIterator
@@ -25,10 +26,14 @@ def router(ctx: ApiContext) -> APIRouter:
         reqs = await ctx.start(prepared, rid)
         prompt_len = len(prepared.prompts[0].ids)
         top_n = prepared.prompts[0].params.logprobs
-        tools = prepared.tools if prepared.tools is not None and prepared.tools.parses_calls else None
+        tools = (
+            prepared.tools if prepared.tools is not None and prepared.tools.parses_calls else None
+        )
         created = now()
         if req.stream:
-            return ctx.stream(_events(ctx, rid, created, reqs, prompt_len, StreamUsage.of(req), top_n, tools))
+            return ctx.stream(
+                _events(ctx, rid, created, reqs, prompt_len, StreamUsage.of(req), top_n, tools)
+            )
         results = await collect_all(reqs)
         choices = []
         for i, res in enumerate(results):
@@ -37,37 +42,88 @@ def router(ctx: ApiContext) -> APIRouter:
             if tools is not None:
                 content, calls = tools.parse(tools.untrim(res.text, res.stop_reason))
                 if calls:
-                    message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+                    message = {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [c.to_openai() for c in calls],
+                    }
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-            choice = {"index": i, "message": message,
-                      "logprobs": ({"content": chat_logprobs(res.logprobs or [], ctx.pre.token_text, top_n)}
-                                   if top_n is not None else None),
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": i,
+                "message": message,
+                "logprobs": (
+                    {"content": chat_logprobs(res.logprobs or [], ctx.pre.token_text, top_n)}
+                    if top_n is not None
+                    else None
+                ),
+                "finish_reason": finish_reason,
+            }
             if res.stop_reason is not None and finish_reason != "tool_calls":
                 choice["stop_reason"] = res.stop_reason
             choices.append(choice)
-        usage = usage_dict(prompt_len, sum(len(r.token_ids) for r in results),
-                           min(prompt_len, max(r.num_cached_tokens for r in results)))
-        body = {"id": rid, "object": "chat.completion", "created": created, "model": ctx.model_name,
-                "choices": choices, "usage": usage}
-        if req.prompt_logprobs is not None:  # vLLM's extra, on the response (every choice has the same prompt)
-            body["prompt_logprobs"] = vllm_prompt_logprobs(prepared.prompts[0].ids, results[0].prompt_logprobs,
-                                                           ctx.pre.token_text)
+        usage = usage_dict(
+            prompt_len,
+            sum(len(r.token_ids) for r in results),
+            min(prompt_len, max(r.num_cached_tokens for r in results)),
+        )
+        body = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": ctx.model_name,
+            "choices": choices,
+            "usage": usage,
+        }
+        if (
+            req.prompt_logprobs is not None
+        ):  # vLLM's extra, on the response (every choice has the same prompt)
+            body["prompt_logprobs"] = vllm_prompt_logprobs(
+                prepared.prompts[0].ids, results[0].prompt_logprobs, ctx.pre.token_text
+            )
         return JSONResponse(body)
 
     return api
 
 
-async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequest], prompt_len: int,
-                  usage: StreamUsage, top_n: int | None, tools: HermesTools | None) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name}
+async def _events(
+    ctx: ApiContext,
+    rid: str,
+    created: int,
+    reqs: list[EngineRequest],
+    prompt_len: int,
+    usage: StreamUsage,
+    top_n: int | None,
+    tools: HermesTools | None,
+) -> AsyncIterator[str]:
+    base = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": ctx.model_name,
+    }
     if usage.final:
         base["usage"] = None
     completion = [0] * len(reqs)
     cached = [0] * len(reqs)
     for i in range(len(reqs)):
-        yield sse(usage.add({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}]}, prompt_len, 0, 0))
+        yield sse(
+            usage.add(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                },
+                prompt_len,
+                0,
+                0,
+            )
+        )
     calls = [ToolCallStream(tools) for _ in reqs] if tools is not None else None
     merged = merge(reqs)
     try:
@@ -76,7 +132,9 @@ async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequ
             cached[i] = chunk.num_cached_tokens or cached[i]
             text, finish_reason = chunk.text, chunk.finish_reason
             delta: dict = {}
-            if calls is not None:  # content flows until a tool call may begin; calls go out whole at the end
+            if (
+                calls is not None
+            ):  # content flows until a tool call may begin; calls go out whole at the end
                 text = calls[i].feed(chunk.text)
                 if chunk.finished:
                     rest, found = calls[i].finish(chunk.stop_reason)
@@ -88,16 +146,29 @@ async def _events(ctx: ApiContext, rid: str, created: int, reqs: list[EngineRequ
                 delta = {"content": text, **delta}
             if not delta and not chunk.finished and not chunk.logprobs:
                 continue
-            choice = {"index": i, "delta": delta,
-                      "logprobs": ({"content": chat_logprobs(chunk.logprobs or [], ctx.pre.token_text, top_n)}
-                                   if top_n is not None else None),
-                      "finish_reason": finish_reason if chunk.finished else None}
+            choice = {
+                "index": i,
+                "delta": delta,
+                "logprobs": (
+                    {"content": chat_logprobs(chunk.logprobs or [], ctx.pre.token_text, top_n)}
+                    if top_n is not None
+                    else None
+                ),
+                "finish_reason": finish_reason if chunk.finished else None,
+            }
             if chunk.finished and chunk.stop_reason is not None and finish_reason != "tool_calls":
                 choice["stop_reason"] = chunk.stop_reason
-            yield sse(usage.add({**base, "choices": [choice]}, prompt_len, completion[i], cached[i]))
+            yield sse(
+                usage.add({**base, "choices": [choice]}, prompt_len, completion[i], cached[i])
+            )
     finally:
         await merged.aclose()
     if usage.final:
-        yield sse({**base, "choices": [], "usage": usage_dict(prompt_len, sum(completion),
-                                                             min(prompt_len, max(cached)))})
+        yield sse(
+            {
+                **base,
+                "choices": [],
+                "usage": usage_dict(prompt_len, sum(completion), min(prompt_len, max(cached))),
+            }
+        )
     yield SSE_DONE

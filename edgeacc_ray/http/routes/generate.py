@@ -1,5 +1,6 @@
 """POST /generate (SGLang-native): one prompt or a batch, text or token ids, streaming (cumulative
 text, as SGLang) and not."""
+
 from __future__ import annotations
 
 import time
@@ -36,12 +37,20 @@ def router(ctx: ApiContext) -> APIRouter:
     return api
 
 
-def _result(ctx: ApiContext, r: EngineRequest, res: RequestOutput, prompt: PreparedPrompt, t0: float,
-            lp_text: bool) -> dict[str, Any]:
+def _result(
+    ctx: ApiContext,
+    r: EngineRequest,
+    res: RequestOutput,
+    prompt: PreparedPrompt,
+    t0: float,
+    lp_text: bool,
+) -> dict[str, Any]:
     last = res.token_ids[-1] if res.token_ids else None
     meta = {
         "id": r.request_id,
-        "finish_reason": sglang_finish_reason(res.finish_reason, res.stop_reason, prompt.params.max_tokens, last),
+        "finish_reason": sglang_finish_reason(
+            res.finish_reason, res.stop_reason, prompt.params.max_tokens, last
+        ),
         "prompt_tokens": r.prompt_len,
         "completion_tokens": len(res.token_ids),
         "cached_tokens": res.num_cached_tokens,
@@ -50,14 +59,26 @@ def _result(ctx: ApiContext, r: EngineRequest, res: RequestOutput, prompt: Prepa
     }
     if prompt.return_logprob:
         text_of = ctx.pre.token_text if lp_text else None
-        start = prompt.params.prompt_logprobs_start if prompt.params.prompt_logprobs is not None else -1
-        meta.update(sglang_input_logprobs(prompt.ids, start, res.prompt_logprobs, text_of, prompt.top_logprobs_num))
+        start = (
+            prompt.params.prompt_logprobs_start if prompt.params.prompt_logprobs is not None else -1
+        )
+        meta.update(
+            sglang_input_logprobs(
+                prompt.ids, start, res.prompt_logprobs, text_of, prompt.top_logprobs_num
+            )
+        )
         meta.update(sglang_logprobs(res.logprobs or [], text_of, prompt.top_logprobs_num))
     return {"text": res.text, "output_ids": list(res.token_ids), "meta_info": meta}
 
 
-async def _events(ctx: ApiContext, reqs: list[EngineRequest], prompts: list[PreparedPrompt], batch: bool,
-                  t0: float, lp_text: bool) -> AsyncIterator[str]:
+async def _events(
+    ctx: ApiContext,
+    reqs: list[EngineRequest],
+    prompts: list[PreparedPrompt],
+    batch: bool,
+    t0: float,
+    lp_text: bool,
+) -> AsyncIterator[str]:
     acc: list[RequestOutput | None] = [None] * len(reqs)
     merged = merge(reqs)
     try:
