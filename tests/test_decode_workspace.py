@@ -45,3 +45,13 @@ def test_rows_far_longer_than_the_rest_attend_from_pages_and_match(tiny_model_pa
         batch, params
     )
     assert [g.token_ids for g in got] == [p.token_ids for p in paged_only]
+
+
+def test_the_default_workspace_is_twice_the_pool_whatever_the_dtype(tiny_model_path):
+    """A fixed default (1 GB) held 64 SmolLM2 rows in bf16 but not in float32, and a batch that does
+    not fit attends from the pages: the default follows the pool instead."""
+    for dtype in ("float32", "bfloat16"):
+        with LLM(tiny_model_path, dtype=dtype, num_pages=64) as llm:
+            runner = llm.engine.runner
+            pool_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+            assert runner.workspace.max_bytes == 2 * pool_bytes

@@ -76,8 +76,12 @@ class EngineSettings(BaseModel):
         1.0, gt=0, description="budget of the KV page pool; num_pages overrides it"
     )
     num_pages: int | None = Field(None, ge=2)
-    decode_workspace_memory_gb: float = Field(
-        1.0, ge=0, description="CPU: contiguous copy of the decoding sequences' KV (0: off)"
+    decode_workspace_memory_gb: float | None = Field(
+        None,
+        ge=0,
+        description="CPU: contiguous copy of the decoding sequences' KV (0: off); default: twice the KV "
+        "pool, room for every row padded to the longest (a fixed 1 GB held 64 SmolLM2 rows in bf16 but "
+        "not in float32, and the whole batch then attended from the pages, several times slower)",
     )
     max_num_seqs: int = Field(
         256,

@@ -332,6 +332,7 @@ def _env_value(name: str, raw: str) -> Any:
         "served_model_name",
         "api_key",
         "num_pages",
+        "decode_workspace_memory_gb",
         "max_model_len",
         "max_request_choices",
         "tpot_slo_ms",

@@ -114,9 +114,12 @@ def build_parts(
         max_model_len, args.vocab_size, config.max_logprobs, num_pages * config.page_size
     )
     # The decode workspace's rows are this process's bookkeeping, which the other ranks do not see.
+    workspace_gb = config.decode_workspace_memory_gb
     workspace_bytes = (
-        int(config.decode_workspace_memory_gb * 2**30) if device == "cpu" and tp_size == 1 else 0
+        int(workspace_gb * 2**30) if workspace_gb is not None else 2 * num_pages * page_bytes
     )
+    if device != "cpu" or tp_size > 1:
+        workspace_bytes = 0
     # CUDA: decode graphs only on one rank (a graph cannot hold the ranks' collectives here).
     cuda = (
         CudaRunnerOptions(
