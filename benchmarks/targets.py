@@ -74,6 +74,19 @@ def wait_ready(
     raise TimeoutError(f"{url}/v1/models did not answer within {timeout:.0f} s")
 
 
+def wait_gone(url: str, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Block until nothing answers at `url` (a server stopped before may still be shutting down: a
+    new one on the same port would otherwise look ready while the old one answers)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/v1/models", timeout=2.0)
+        except httpx.HTTPError:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"{url} still answers {timeout:.0f} s after its server was stopped")
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGINT the process group, then SIGKILL it if it is still there after STOP_TIMEOUT_S."""
     if proc.poll() is not None:
@@ -96,6 +109,7 @@ def running(targets: Sequence[Target], log_dir: Path) -> Iterator[None]:
     try:
         for t in targets:
             if t.command:
+                wait_gone(t.url)
                 log = open(log_dir / f"{t.name}.server.log", "ab")
                 procs.append(
                     subprocess.Popen(
