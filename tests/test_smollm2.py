@@ -17,6 +17,7 @@ from benchmarks.precision import hf_decode
 from edgeacc_ray.engine.request import SamplingParams
 from edgeacc_ray.llm import LLM
 from edgeacc_ray.models.builtin_models import resolve_model
+from edgeacc_ray.models.cpu_features import has_native_bf16
 from edgeacc_ray.models.model_cache import cache_dir
 from edgeacc_ray.models.smollm2 import NAME, WHEEL_ENV, ModelFetchError, smollm2_gguf
 
@@ -92,10 +93,11 @@ def test_engine_float32_equals_hf_float32(tokenizer, hf_fp32) -> None:
 
 
 def test_default_dtype_answers_the_readme_questions() -> None:
-    """Served as configured by default (dtype auto: bfloat16), greedy answers are float32's."""
+    """Served as configured by default (dtype auto: bfloat16 on a CPU with native bf16, else
+    float32), greedy answers are float32's."""
     questions = [[{"role": "user", "content": q}] for q in QUESTIONS[:2]]
     with LLM(NAME, num_threads=2, kv_cache_memory_gb=0.1) as llm:
-        assert llm.engine.dtype == torch.bfloat16
+        assert llm.engine.dtype == (torch.bfloat16 if has_native_bf16() else torch.float32)
         outs = llm.chat(questions, SamplingParams(temperature=0.0, max_tokens=16))
     assert [o.text for o in outs] == [
         "The capital of France is Paris.",
