@@ -5,9 +5,9 @@ device pool lacks is read back from it while the running batch goes on.
 Selective write-through (SGLang's write_through_selective, at its threshold of two uses): a page is
 sent when a new prompt's prefix match reuses it for the first time (`BlockManager.take_reused_pages`),
 once per stay in the pool. A page used once, the prompt of a request that never recurs, is never
-sent: writing every page cost the store actor a busy core on random prompts and bought nothing. A
-conversation's pages are reused by its next turn, so they reach the store before the pool evicts
-them, and other replicas on the node can read them. Pages that came from the tier are never sent
+sent: writing every page kept the store actor busy (6% of a core at c=64 on random prompts) for
+nothing. A conversation's pages are reused by its next turn, so they reach the store before the
+pool evicts them, and other replicas on the node can read them. Pages that came from the tier are never sent
 back. The step loop only gathers the listed pages out of the pool (one index copy); the tier
 client's thread packs and sends them in batches, and drops them if it falls behind.
 
