@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeacc_ray.engine.request import TargetStats
+from edgeacc_ray.engine.request import LatencyTarget, TargetStats
 from edgeacc_ray.engine.split import MIN_SAMPLES, p90, window_closes
 
 HEADROOM = 0.8
@@ -41,8 +41,8 @@ class RunningBound:
         self.value = self.value or self.max_num_seqs
 
     def target(self) -> TargetStats:
-        user = self.tpot_slo_ms is not None
-        return TargetStats("running_bound_tpot", self.tpot_slo_ms, "user" if user else "none", None)
+        """The user's TPOT SLO, never a derived one (the bound cuts throughput)."""
+        return LatencyTarget("running_bound_tpot", self.tpot_slo_ms, derive=False).stats()
 
     def held_back(self) -> None:
         """A request could not start because of the bound."""
