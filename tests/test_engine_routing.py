@@ -199,6 +199,7 @@ def test_replica_settings_nest_and_refuse_what_cannot_work():
 ARGS = {
     "model": "tiny",
     "served_model_name": "tiny",
+    "num_threads": 1,  # one core each: the suite's replicas share two
     "kv_cache_memory_gb": 0.05,
     "stream_interval": 4,
 }
@@ -335,16 +336,18 @@ def test_engine_replicas_scale_one_two_one_with_load(serve_http_url):
                     str(i),
                 )
 
-        threads = [threading.Thread(target=load, args=(i,)) for i in range(10)]
+        threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(10)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 90
-        while _running(app, "EngineServer") < 2:
-            assert time.monotonic() < deadline, _replica_counts(app, "EngineServer")
-            time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(120)
+        try:
+            deadline = time.monotonic() + 180
+            while _running(app, "EngineServer") < 2:
+                assert time.monotonic() < deadline, _replica_counts(app, "EngineServer")
+                time.sleep(0.5)
+        finally:  # a failed wait must not leave the load running through the rest of the suite
+            stop.set()
+            for t in threads:
+                t.join(120)
         assert all(err is None for _, err in results.values()), results
         deadline = time.monotonic() + 90
         while _replica_counts(app, "EngineServer") != {"RUNNING": 1}:

@@ -18,6 +18,7 @@ APP = "edgeacc_faults"
 ARGS = {
     "model": "tiny",
     "served_model_name": "tiny",
+    "num_threads": 1,  # one core each: the suite's replicas share two
     "kv_cache_memory_gb": 0.25,
     "stream_interval": 4,
 }
