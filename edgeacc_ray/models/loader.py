@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from edgeacc_ray.models.config import ModelArgs
 from edgeacc_ray.models.cpu_features import has_native_bf16
-from edgeacc_ray.models.packed_linear import can_pack, pack_linears
+from edgeacc_ray.models.cpu_linears import can_pack, pack_linears, use_onednn_fp32
 from edgeacc_ray.models.qwen3 import CausalLM
 from edgeacc_ray.models.tp_shard import TPShard
 
@@ -93,7 +93,8 @@ def load_model(
     shard: TPShard | None = None,
 ) -> tuple[CausalLM, ModelArgs]:
     """Load a checkpoint. `pack` pre-packs bf16 CPU linears for oneDNN (a private, unshareable layout:
-    Semi-PD, whose processes share one copy of the weights, loads them unpacked). With `shard`, only
+    Semi-PD, whose processes share one copy of the weights, loads them unpacked); float32 CPU
+    linears go through oneDNN on their own weights where it is faster (models/cpu_linears.py). With `shard`, only
     that tensor-parallel rank's slice is built and read, and the args returned are its shape."""
     path = Path(path)
     args, torch_dtype = read_model_args(path, dtype, device)
@@ -123,6 +124,8 @@ def load_model(
         )
     if pack and can_pack(model.model.embed_tokens.weight):
         pack_linears(model)
+    else:
+        use_onednn_fp32(model, args)
     return model.eval().requires_grad_(False), args
 
 

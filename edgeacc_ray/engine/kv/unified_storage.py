@@ -15,6 +15,7 @@ from torch import nn
 
 from edgeacc_ray.engine.kv.shared_arena import ArenaManifest, SharedArena
 from edgeacc_ray.models.config import ModelArgs
+from edgeacc_ray.models.cpu_linears import use_onednn_fp32
 from edgeacc_ray.models.loader import model_skeleton, read_model_args
 from edgeacc_ray.models.qwen3 import CausalLM
 
@@ -97,4 +98,5 @@ def map_storage(spec: StorageSpec) -> MappedStorage:
         arena.close()
         raise ValueError(f"segment {spec.name} does not hold the tensors of {spec.model_path}")
     _bind(model, tensors)
+    use_onednn_fp32(model, args)
     return MappedStorage(arena, model, args, arena.tensors[KV_CACHE], arena.tensors[CONTROL])
