@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +73,7 @@ def onednn_fp32_is_faster(in_features: int, out_features: int, threads: int) -> 
         return False
     x, w = torch.randn(32, in_features), torch.randn(out_features, in_features)
 
-    def best(fn) -> float:
+    def best(fn: Callable[[], object]) -> float:
         fn()
         times = []
         for _ in range(5):
@@ -87,7 +88,7 @@ def onednn_fp32_is_faster(in_features: int, out_features: int, threads: int) -> 
     return blas > _MIN_GAIN * onednn
 
 
-def _replace_linears(module: nn.Module, make) -> None:
+def _replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
             setattr(module, name, make(child))
