@@ -105,19 +105,48 @@ def test_min_tokens_and_logit_bias(llm):
         llm.generate(["x"], SamplingParams(logit_bias={10**6: 1.0}))
 
 
+def leaves(spec: str, **kw) -> SamplingParams:
+    """A regex the output ends where the model leaves."""
+    return SamplingParams(
+        **{"max_tokens": 24, "temperature": 0, **kw},
+        structured=StructuredOutput("regex", spec, end_when_left=True),
+    )
+
+
+def test_a_grammar_the_model_leaves_ends_there(llm):
+    """end_when_left: the greedy output is the masked one up to the first point where the grammar
+    could end and the model's own choice is outside it; the end token comes there instead."""
+    strict = llm.generate(
+        PROMPTS[:6], constrained("regex", "[a-z ]*", temperature=0, max_tokens=24)
+    )
+    left = llm.generate(PROMPTS[:6], leaves("[a-z ]*"))
+    eos = llm.engine.eos_token_ids
+    for s, out in zip(strict, left):
+        *kept, end = out.token_ids
+        assert out.finish_reason == "stop" and end in eos and s.finish_reason == "length"
+        assert kept == s.token_ids[: len(kept)] and len(kept) < len(s.token_ids)
+    assert any(not o.text for o in left)  # some leave at once: the first token ends them
+    held = llm.generate(PROMPTS[:6], leaves("[a-z ]*", min_tokens=3))
+    for s, out in zip(strict, held):  # min_tokens holds the end back, under the mask
+        assert out.token_ids[:3] == s.token_ids[:3]
+
+
 def test_semi_pd_constrained_output_equals_colocated(llm):
-    """The prefill process samples the first token under the mask the decode side sends it."""
-    params = [constrained("json_schema", json.dumps(SCHEMA), temperature=0)] * 4
-    expected = llm.generate(PROMPTS[:4], params)
+    """The prefill process samples the first token under the mask the decode side sends it (and
+    ends a grammar the model leaves at once)."""
+    params = [constrained("json_schema", json.dumps(SCHEMA), temperature=0)] * 4 + [
+        leaves("[a-z ]*")
+    ] * 6
+    expected = llm.generate(PROMPTS[:4] + PROMPTS[:6], params)
     with LLM(
         "tiny",
         dtype="float32",
         kv_cache_memory_gb=0.05,
         semi_pd=SemiPDConfig(prefill_batch_tokens=64),
     ) as spd:
-        got = spd.generate(PROMPTS[:4], params)
+        got = spd.generate(PROMPTS[:4] + PROMPTS[:6], params)
     assert [o.token_ids for o in got] == [o.token_ids for o in expected]
-    for out in got:
+    for out in got[:4]:
         jsonschema.validate(json.loads(out.text), SCHEMA)
 
 

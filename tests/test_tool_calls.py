@@ -1,7 +1,8 @@
 """Tool calling in /v1/chat/completions (Hermes / Qwen format) with the official openai client on the
 ASGI app: enforced calls always parse against the function's schema, a full round trip (call -> tool
 answer -> reply), streamed tool-call deltas equal the non-streamed calls, parsing of free-form output,
-and clear 400s for inconsistent requests."""
+and clear 400s for inconsistent requests. On the default model, a forced call ends once it is whole
+(`finish_reason` "tool_calls"), and one cut by max_tokens says "length" and is not returned as a call."""
 
 from __future__ import annotations
 
@@ -45,6 +46,24 @@ TOOLS = [
     },
 ]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+# The default model's task from the issue it came from: one tool, `unit` an enum, three cities.
+FORECAST = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+FORECAST_TOOL = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": FORECAST,
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +213,64 @@ def test_stream_holds_back_a_possible_call():
     assert (
         plain.feed("a <b") == "a <b" and plain.feed("ool") == "ool" and plain.finish() == ("", [])
     )
+
+
+# ---- the default model (SmolLM2-135M-Instruct), float32 for a reproducible greedy answer ----------
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    with local_app(ServeConfig(dtype="float32", kv_cache_memory_gb=0.1)) as http:
+        client = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
+        )
+        yield client, client.models.list().data[0].id
+
+
+def _ask_weather(default_model, city: str, stream: bool, **kw) -> tuple[str, list, str | None]:
+    """(finish_reason, [(name, arguments)], content) of one answer, streamed or not."""
+    client, model = default_model
+    req = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"What is the weather in {city}?"}],
+        "tools": FORECAST_TOOL,
+        "tool_choice": "required",
+        "max_tokens": 80,
+        "temperature": 0,
+        **kw,
+    }
+    if not stream:
+        choice = client.chat.completions.create(**req).choices[0]
+        calls = choice.message.tool_calls or []
+        return (
+            choice.finish_reason,
+            [(c.function.name, c.function.arguments) for c in calls],
+            choice.message.content,
+        )
+    chunks = [c for c in client.chat.completions.create(**req, stream=True) if c.choices]
+    [finish] = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    return finish, [(c.function.name, c.function.arguments) for c in calls], content or None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("parallel", [None, False])
+def test_the_default_models_required_call_finishes(default_model, stream, parallel):
+    """The model's greedy answer ends after its first call (it leaves the grammar there) instead of
+    being forced into more calls until max_tokens."""
+    kw = {} if parallel is None else {"parallel_tool_calls": parallel}
+    for city in ("Paris", "Tokyo", "Lima"):
+        finish, calls, content = _ask_weather(default_model, city, stream, **kw)
+        assert finish == "tool_calls" and content is None and len(calls) == 1, (city, calls)
+        name, arguments = calls[0]
+        args = json.loads(arguments)
+        jsonschema.validate(args, FORECAST)
+        assert name == "get_weather" and args["city"].lower() == city.lower()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens_says_length(default_model, stream):
+    finish, calls, content = _ask_weather(default_model, "Paris", stream, max_tokens=12)
+    assert finish == "length" and calls == []
+    assert content.startswith("<tool_call>")  # the cut text, not a call

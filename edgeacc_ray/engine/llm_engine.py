@@ -24,7 +24,7 @@ from edgeacc_ray.engine.request import (
     Sequence,
     SequenceStatus,
     SplitStats,
-    next_token_bitmask,
+    next_token_mask,
     validate_request,
 )
 from edgeacc_ray.engine.sampling import sample
@@ -239,7 +239,12 @@ class LLMEngine:
 
     def _set_bitmask(self, seq: Sequence) -> None:
         """The tokens seq's grammar allows next, for the sampler (here or in the prefill process)."""
-        seq.token_bitmask = next_token_bitmask(seq.matcher, self.grammars.tokenizer.vocab_size)
+        seq.grammar_mask = next_token_mask(
+            seq.matcher,
+            self.grammars.tokenizer.vocab_size,
+            seq.params.structured,
+            seq.eos_token_ids,
+        )
 
     def waiting_on_io(self) -> bool:
         """Nothing to compute here until the prefill process returns a batch or a tier read comes back."""
@@ -354,7 +359,7 @@ class LLMEngine:
             self.counters["host_cached"] += seq.num_host_cached_tokens
         seq.token_ids.append(token)
         if seq.matcher is not None:
-            seq.token_bitmask = None
+            seq.grammar_mask = None
             seq.matcher.consume_token(token)  # the token came from the matcher's own mask
         self.counters["generation"] += 1
         if logprob is not None:

@@ -21,6 +21,8 @@ from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.protocol.openai import NamedToolChoice, Tool
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# Calls one forced answer may hold (parallel_tool_calls): bounds a model that never leaves the grammar.
+MAX_CALLS = 8
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
 _SYSTEM_PROMPT = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -85,7 +87,10 @@ class HermesTools:
 
     # ---- the grammar ----
     def grammar(self) -> StructuredOutput | None:
-        """For "required" and a named function: output must be tool calls whose arguments follow the schema."""
+        """For "required" and a named function: output must be tool calls whose arguments follow the
+        schema, one (parallel_tool_calls false) or up to MAX_CALLS. After each call the grammar may
+        end, and ends where the model leaves it (a newline it does not follow with another call, or
+        anything else), so a finished answer stops there instead of being forced into one more."""
         if self.choice in ("auto", "none"):
             return None
         names = (
@@ -95,12 +100,12 @@ class HermesTools:
         )
         bodies = [_call_schema(name, self.tools[name]) for name in names]
         body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
-        repeat = ' ("\\n" call)*' if self.parallel else ""
+        repeat = f' ("\\n" call){{0,{MAX_CALLS - 1}}}' if self.parallel else ""
         lark = (
-            f'start: call{repeat}\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\n'
+            f'start: call{repeat} "\\n"?\ncall: "{OPEN}\\n" body "\\n{CLOSE}"\n'
             f"body: %json {json.dumps({**body, 'x-guidance': {'whitespace_flexible': False}})}"
         )
-        return StructuredOutput("lark", lark)
+        return StructuredOutput("lark", lark, end_when_left=True)
 
     def stop_strings(self) -> list[str]:
         """parallel_tool_calls=false with tool_choice "auto": generation ends with the first call (the

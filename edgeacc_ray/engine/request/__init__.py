@@ -31,9 +31,10 @@ from edgeacc_ray.engine.request.slo_targets import LatencyTarget, TargetStats
 from edgeacc_ray.engine.request.structured_output import (
     ANY_JSON_SCHEMA,
     GrammarCompiler,
+    GrammarMask,
     StructuredOutput,
     apply_bitmasks,
-    next_token_bitmask,
+    next_token_mask,
 )
 from edgeacc_ray.engine.request.validation import RequestLimits, validate_request
 
@@ -44,6 +45,7 @@ __all__ = [
     "EngineStats",
     "EngineUnavailable",
     "GrammarCompiler",
+    "GrammarMask",
     "HiCacheStats",
     "HistogramSnapshot",
     "IncrementalDetokenizer",
@@ -65,6 +67,6 @@ __all__ = [
     "apply_bitmasks",
     "combine_stats",
     "merge_outputs",
-    "next_token_bitmask",
+    "next_token_mask",
     "validate_request",
 ]

@@ -10,6 +10,7 @@ import torch
 
 from edgeacc_ray.engine.request.outputs import TokenLogprob
 from edgeacc_ray.engine.request.sampling_params import SamplingParams
+from edgeacc_ray.engine.request.structured_output import GrammarMask
 from edgeacc_ray.prefix_keys import ROOT_KEY
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ class Sequence:
     last_token_time: float | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
     matcher: Any = None  # llguidance matcher of a constrained request (advanced as tokens come out)
-    token_bitmask: torch.Tensor | None = (
-        None  # allowed next tokens, packed bits (set before sampling)
+    grammar_mask: GrammarMask | None = (
+        None  # the matcher's rule for the next token (set before sampling)
     )
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens are out
 

@@ -2,6 +2,10 @@
 any-JSON, regex and EBNF/Lark grammars compiled against the model's tokenizer into a matcher per
 request, whose next-token bitmask the sampler applies to that request's row only.
 
+A grammar may ask to end where the model leaves it (`end_when_left`): at a point where the grammar
+is complete, a token it does not allow ends the output instead of being masked away. Tool calls use
+it, so that a model that has finished its calls is not forced into another one.
+
 Grammars are validated and cached by (kind, text); building a matcher costs well under a millisecond
 for the grammars we have measured, and the async engine builds it off the step loop."""
 
@@ -30,6 +34,21 @@ class StructuredOutput:
 
     kind: Kind
     spec: str = ""
+    end_when_left: bool = False  # where the grammar is complete, a token outside it ends the output
+
+
+@dataclass(frozen=True)
+class GrammarMask:
+    """A constrained request's rule for its next token (set before sampling, sent to the prefill
+    process with the task): the allowed tokens, and the end-of-sequence token that replaces a
+    disallowed one where the grammar is complete and asked to end when left (None otherwise)."""
+
+    bitmask: torch.Tensor  # packed int32 bits over the vocabulary
+    end_token: int | None = None
+
+    def allows(self, token: int) -> bool:
+        word = int(self.bitmask[token // 32]) if token // 32 < self.bitmask.shape[0] else 0
+        return bool((word >> (token % 32)) & 1)
 
 
 class GrammarCompiler:
@@ -101,13 +120,20 @@ def _first_line(error: object) -> str:
     return " ".join(lines[:3])[:500]
 
 
-def next_token_bitmask(matcher, vocab_size: int) -> torch.Tensor:
-    """The matcher's allowed next tokens as a packed int32 bitmask row covering `vocab_size` ids."""
+def next_token_mask(
+    matcher, vocab_size: int, so: StructuredOutput, eos_token_ids: frozenset[int]
+) -> GrammarMask:
+    """The matcher's allowed next tokens (a packed int32 bitmask row covering `vocab_size` ids), and
+    the end token a disallowed one becomes where `so` asks to end when left and the grammar can end."""
     import llguidance.torch as lt
 
-    mask = lt.allocate_token_bitmask(1, vocab_size)
-    lt.fill_next_token_bitmask(matcher, mask, 0)
-    return mask[0]
+    bits = lt.allocate_token_bitmask(1, vocab_size)
+    lt.fill_next_token_bitmask(matcher, bits, 0)
+    mask = GrammarMask(bits[0])
+    if so.end_when_left and matcher.is_accepting():
+        end = next((t for t in sorted(eos_token_ids) if mask.allows(t)), None)
+        mask = GrammarMask(bits[0], end)
+    return mask
 
 
 def apply_bitmasks(logits: torch.Tensor, bitmasks: torch.Tensor) -> None:

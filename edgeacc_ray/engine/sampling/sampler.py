@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from edgeacc_ray.engine.request import Sequence, TokenLogprob
-from edgeacc_ray.engine.sampling.logit_controls import apply_logit_controls
+from edgeacc_ray.engine.sampling.logit_controls import apply_logit_controls, ended_where_left
 
 
 def sample(
@@ -26,6 +26,8 @@ def sample(
         tokens = logits.argmax(dim=-1).tolist()
     else:
         tokens = _sample_random(logits, seqs, greedy)
+    if any(s.grammar_mask is not None for s in seqs):
+        tokens = ended_where_left(tokens, seqs)
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     if wanted:

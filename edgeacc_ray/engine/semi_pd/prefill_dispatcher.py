@@ -65,7 +65,7 @@ class PrefillDispatcher:
                 page_table=list(seq.page_table),
                 params=seq.params,
                 generator_state=seq.generator.get_state() if seq.generator is not None else None,
-                token_bitmask=seq.token_bitmask,
+                grammar_mask=seq.grammar_mask,
                 eos_token_ids=seq.eos_token_ids,
                 next_prompt_logprob=seq.next_prompt_logprob,
             )

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeacc_ray.engine.kv import StorageSpec
-from edgeacc_ray.engine.request import EngineUnavailable, SamplingParams, TokenLogprob
+from edgeacc_ray.engine.request import (
+    EngineUnavailable,
+    GrammarMask,
+    SamplingParams,
+    TokenLogprob,
+)
 
 
 @dataclass
@@ -22,7 +27,7 @@ class PrefillTask:
     page_table: list[int]  # pages granted by the decode side, covering every token
     params: SamplingParams
     generator_state: torch.Tensor | None = None  # a seeded request's RNG state
-    token_bitmask: torch.Tensor | None = None  # a constrained request's allowed first tokens
+    grammar_mask: GrammarMask | None = None  # a constrained request's rule for its first token
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens
     next_prompt_logprob: int | None = (
         None  # params.prompt_logprobs: the first prompt token to score (None: done)

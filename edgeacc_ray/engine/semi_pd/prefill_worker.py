@@ -140,7 +140,7 @@ def _sequence(task: PrefillTask) -> Sequence:
     seq.token_ids = list(task.token_ids)
     seq.page_table = list(task.page_table)
     seq.num_computed_tokens = task.num_computed_tokens
-    seq.token_bitmask, seq.eos_token_ids = task.token_bitmask, task.eos_token_ids
+    seq.grammar_mask, seq.eos_token_ids = task.grammar_mask, task.eos_token_ids
     if task.params.prompt_logprobs is not None:  # score from where the decode side's entries end
         seq.prompt_logprobs_base = task.next_prompt_logprob or seq.num_prompt_tokens
         seq.prompt_logprobs = []
