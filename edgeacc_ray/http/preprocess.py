@@ -22,6 +22,7 @@ from edgeacc_ray.http.protocol.openai import (
     SamplingFields,
 )
 from edgeacc_ray.http.protocol.sglang import GenerateRequest, GenerateSamplingParams
+from edgeacc_ray.http.sampling_defaults import SamplingDefaults
 from edgeacc_ray.http.tool_calls import HermesTools, hermes_history
 
 # Texts longer than this are tokenized in a thread, off the event loop every stream shares.
@@ -86,6 +87,7 @@ class Preprocessor:
         self.model_name = config.model_name
         self.tokenizer_path = str(tokenizer_path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.sampling_defaults = SamplingDefaults.of_model(self.tokenizer_path)
         self.token_text = TokenText(self.tokenizer)
         self._template_renders_tools = "tools" in str(
             getattr(self.tokenizer, "chat_template", "") or ""
@@ -179,24 +181,28 @@ class Preprocessor:
             )
         return requested
 
-    @staticmethod
     def _openai_params(
+        self,
         req: SamplingFields,
         max_tokens: int,
         logprobs: int | None,
         prompt_logprobs: int | None = None,
     ) -> SamplingParams:
-        """`prompt_logprobs`: the prompt's top-k as the endpoint derives it (echo), else the request's own."""
+        """`prompt_logprobs`: the prompt's top-k as the endpoint derives it (echo), else the request's
+        own. Sampling fields the request leaves out take the model's defaults."""
+        d = self.sampling_defaults
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
-            min_p=req.min_p or 0.0,
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            top_k=d.top_k if req.top_k is None else req.top_k,
+            min_p=d.min_p if req.min_p is None else req.min_p,
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=(
+                d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+            ),
             stop=req.stop_list(),
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
