@@ -264,7 +264,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
         engine.step()
         seq = engine.sequences["probe"]
         pages = list(seq.page_table)
-        engine.dispatcher.wait()
+        engine.pd.dispatcher.wait()
         engine.step()
         kv = engine.runner.kv_cache
         own = page_sums(kv, pages)
@@ -288,7 +288,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
                 f"({'same pointer' if kv.data_ptr() == child.kv_cache_ptr else 'different mapping address, same memory'})",
             )
         )
-        arena_bytes = engine.storage.arena.manifest.nbytes
+        arena_bytes = engine.pd.storage.arena.manifest.nbytes
         if s.device == "cuda":
             rows.append(
                 Row(
@@ -300,7 +300,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
                 )
             )
         task = PrefillTask("r", prompts[0], len(prompts[0]), 0, pages, params)
-        handoff = len(pickle.dumps(PrefillBatch(engine.storage_spec, [task])))
+        handoff = len(pickle.dumps(PrefillBatch(engine.pd.spec, [task])))
         kv_bytes = len(prompts[0]) * kv_page_bytes(engine.args, 1, engine.dtype)
         rows.append(
             Row(
@@ -311,7 +311,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
             )
         )
         report = llm.prefill_process.split_report()
-        decode_follower = engine._follower
+        decode_follower = engine.pd._follower
         if report is not None:
             rows.append(
                 Row(
@@ -326,7 +326,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
                     "semi_pd",
                     "SM split (decode process)",
                     f"mode {decode_follower.mode.value}, level "
-                    f"{decode_follower.applier.level}, split moves {engine.split.moves_total}",
+                    f"{decode_follower.applier.level}, split moves {engine.pd.split.moves_total}",
                 )
             )
         else:
@@ -335,7 +335,7 @@ def step_semi_pd(s: Setup) -> list[Row]:
                     "semi_pd",
                     "core split",
                     f"{engine.stats().split.prefill_cores} / "
-                    f"{engine.stats().split.decode_cores}, moves {engine.split.moves_total}",
+                    f"{engine.stats().split.decode_cores}, moves {engine.pd.split.moves_total}",
                 )
             )
     return rows

@@ -366,9 +366,10 @@ def test_semi_pd_on_cuda_equals_colocated_and_shares_the_pool():
     with LLM("tiny", device="cuda", semi_pd=SemiPDConfig(prefill_batch_tokens=96), **FP32) as llm:
         got = llm.generate(prompts, GREEDY)
         engine = llm.engine
-        assert engine.storage_spec.name.startswith("edgeacc-cuda-")
+        assert engine.pd.spec.name.startswith("edgeacc-cuda-")
         assert (
-            engine.runner.kv_cache.data_ptr() == engine.storage.arena.tensors["kv_cache"].data_ptr()
+            engine.runner.kv_cache.data_ptr()
+            == engine.pd.storage.arena.tensors["kv_cache"].data_ptr()
         )
         report = llm.prefill_process.split_report()
         assert report is not None and report.role == "prefill"

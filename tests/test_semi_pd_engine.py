@@ -51,7 +51,7 @@ def test_greedy_equals_colocated_with_chunks_and_prefix_hits(colocated, semi_pd)
         assert a.token_ids == e.token_ids and b.token_ids == e.token_ids
     assert sum(o.num_cached_tokens for o in again) >= 300  # the long prompt hit, and more
     assert (
-        semi_pd.engine.dispatcher.batches_total >= 3
+        semi_pd.engine.pd.dispatcher.batches_total >= 3
     )  # 300-token prompt > batch budget: several batches
     assert_pool_idle(semi_pd)
 
@@ -125,7 +125,7 @@ def test_weights_and_pool_exist_once_and_the_handoff_moves_no_kv(semi_pd):
     engine = semi_pd.engine
     ids = semi_pd.tokenizer.encode(TEXT)[:250]
     semi_pd.generate([ids], GREEDY)
-    manifest = engine.storage.arena.manifest
+    manifest = engine.pd.storage.arena.manifest
     child = semi_pd.prefill_process.pid
     # Both processes map the same file, and the decode side's tensors live inside it.
     child_rss, child_pss = _mapping(child, manifest.path)
@@ -134,14 +134,14 @@ def test_weights_and_pool_exist_once_and_the_handoff_moves_no_kv(semi_pd):
     # Pages both touched are counted once between them: one copy, not two.
     assert own_pss + child_pss <= manifest.nbytes // 1024 + 64
     assert own_pss + child_pss < own_rss + child_rss
-    arena = engine.storage.arena.tensors
+    arena = engine.pd.storage.arena.tensors
     weight = engine.runner.model.model.embed_tokens.weight
     assert weight.data_ptr() == arena["model.embed_tokens.weight"].data_ptr()
     assert engine.runner.kv_cache.data_ptr() == arena["kv_cache"].data_ptr()
     # What crosses to the prefill process for a 250-token prompt: ids and page numbers, no KV.
     seq_pages = list(range(16))
     task = PrefillTask("r", ids, len(ids), 0, seq_pages, GREEDY)
-    handoff = len(pickle.dumps(PrefillBatch(engine.storage_spec, [task])))
+    handoff = len(pickle.dumps(PrefillBatch(engine.pd.spec, [task])))
     kv_bytes = len(ids) * kv_page_bytes(engine.args, 1, engine.dtype)
     assert handoff < kv_bytes / 20
 
@@ -155,7 +155,7 @@ def test_prefill_writes_land_in_the_decode_side_pool(semi_pd):
     engine.add_request("peek", ids, SamplingParams(temperature=0.0, max_tokens=1))
     engine.step()
     pages = list(engine.sequences["peek"].page_table)
-    engine.dispatcher.wait()
+    engine.pd.dispatcher.wait()
     engine.step()
     assert engine.runner.kv_cache[:, 0, :, pages].abs().sum() > 0
     assert_pool_idle(semi_pd)
@@ -179,13 +179,13 @@ def test_a_killed_prefill_process_fails_its_requests_and_returns_their_pages():
 
 def test_the_split_moves_with_the_load_and_is_published(semi_pd):
     engine = semi_pd.engine
-    moves = engine.split.moves_total
+    moves = engine.pd.split.moves_total
     semi_pd.generate(prompts(semi_pd.tokenizer), GREEDY)
     stats = engine.stats()
     assert stats.pd_mode == "semi_pd" and stats.split.moves_total > moves
-    _, published = engine._control.read()
+    _, published = engine.pd._control.read()
     assert (list(published.prefill), list(published.decode)) == (
         stats.split.prefill_cores,
         stats.split.decode_cores,
     )
-    assert set(published.prefill) | set(published.decode) <= set(engine.split.cores)
+    assert set(published.prefill) | set(published.decode) <= set(engine.pd.split.cores)

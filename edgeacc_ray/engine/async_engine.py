@@ -60,7 +60,7 @@ class AsyncLLMEngine:
     @property
     def storage_spec(self) -> StorageSpec:
         """Semi-PD: the shared segment a prefill process maps."""
-        return self.engine.storage_spec
+        return self.engine.pd.spec
 
     @property
     def model_info(self) -> dict:
@@ -149,8 +149,8 @@ class AsyncLLMEngine:
             self._error = exc
             ready.set()
             return
-        if self.engine.dispatcher is not None:
-            self.engine.dispatcher.notify = self._wakeup.set
+        if self.engine.pd is not None:
+            self.engine.pd.dispatcher.notify = self._wakeup.set
         if self.engine.tier is not None:
             self.engine.tier.notify = self._wakeup.set
         ready.set()

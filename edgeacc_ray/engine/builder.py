@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.hardware import CudaRunnerOptions, DevicePlan, configure_cpu
-from edgeacc_ray.engine.kv import BlockManager, MappedStorage
+from edgeacc_ray.engine.kv import BlockManager
 from edgeacc_ray.engine.request import RequestLimits
 from edgeacc_ray.engine.runner import ModelRunner, kv_page_bytes, kv_pool_shape
 from edgeacc_ray.engine.scheduling import (
@@ -20,8 +20,12 @@ from edgeacc_ray.engine.scheduling import (
     Scheduler,
     StepTime,
 )
-from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor, start_semi_pd
-from edgeacc_ray.engine.split import SplitController
+from edgeacc_ray.engine.semi_pd import (
+    DecodeSide,
+    PrefillDispatcher,
+    PrefillExecutor,
+    start_semi_pd,
+)
 from edgeacc_ray.engine.tp import (
     Rank0Model,
     TensorParallelRanks,
@@ -57,14 +61,7 @@ class EngineParts:
     scheduler: Scheduler
     eos_token_ids: set[int]
     tp_ranks: TensorParallelRanks | None = None
-    # Semi-PD's decode side
-    storage: MappedStorage | None = None
-    storage_spec: Any = None
-    split: SplitController | None = None
-    control: Any = None
-    follower: Any = None
-    initial_cores: list[int] | None = None
-    dispatcher: PrefillDispatcher | None = None
+    decode_side: DecodeSide | None = None  # Semi-PD's end in this engine
 
 
 def build_parts(
@@ -131,7 +128,7 @@ def build_parts(
     scratch_pages = (
         1 if cuda is not None and cuda.cuda_graphs else 0
     )  # the graphs' padding rows write there
-    decode_side: dict[str, Any] = {}
+    decode_side: DecodeSide | None = None
     if semi_pd is not None:  # CPU: a /dev/shm segment and a core split; CUDA: IPC and an SM split
         parts = start_semi_pd(
             model,
@@ -142,22 +139,14 @@ def build_parts(
             device,
             live_decode_split=scratch_pages == 0,
         )
-        decode_side = dict(
-            storage=parts.storage,
-            storage_spec=parts.spec,
-            split=parts.split,
-            control=parts.control,
-            follower=parts.follower,
-            initial_cores=parts.initial_cores,
-            dispatcher=PrefillDispatcher(
-                parts.spec,
-                prefill_executor,
-                semi_pd.prefill_batch_tokens,
-                semi_pd.max_prefill_batches_in_flight,
-            ),
+        dispatcher = PrefillDispatcher(
+            parts.spec,
+            prefill_executor,
+            semi_pd.prefill_batch_tokens,
+            semi_pd.max_prefill_batches_in_flight,
         )
-    storage = decode_side.get("storage")
-    kv_cache = storage.kv_cache if storage is not None else None
+        decode_side = DecodeSide(parts, dispatcher)
+    kv_cache = decode_side.storage.kv_cache if decode_side is not None else None
     tp_ranks: TensorParallelRanks | None = None
     if tp_size > 1:
         tp_ranks = TensorParallelRanks.start(
@@ -234,7 +223,7 @@ def build_parts(
         scheduler=scheduler,
         eos_token_ids=_eos_token_ids(model_path, tokenizer),
         tp_ranks=tp_ranks,
-        **decode_side,
+        decode_side=decode_side,
     )
 
 

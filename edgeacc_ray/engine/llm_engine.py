@@ -10,7 +10,6 @@ import torch
 
 from edgeacc_ray.config import EngineConfig
 from edgeacc_ray.engine.builder import build_parts
-from edgeacc_ray.engine.hardware import use_cores
 from edgeacc_ray.engine.request import (
     EngineOverloaded,
     EngineStats,
@@ -23,13 +22,12 @@ from edgeacc_ray.engine.request import (
     SamplingParams,
     Sequence,
     SequenceStatus,
-    SplitStats,
     next_token_mask,
     validate_request,
 )
 from edgeacc_ray.engine.sampling import sample
 from edgeacc_ray.engine.scheduling import BatchForecast, ScheduledBatch
-from edgeacc_ray.engine.semi_pd import PrefillDispatcher, PrefillExecutor, PrefillFailed
+from edgeacc_ray.engine.semi_pd import DecodeSide, PrefillExecutor, PrefillFailed
 from edgeacc_ray.engine.tp import TensorParallelRanks
 
 
@@ -37,8 +35,8 @@ class LLMEngine:
     def __init__(
         self, config: EngineConfig, prefill_executor: PrefillExecutor | None = None
     ) -> None:
-        """With `config.semi_pd`, the weights and the pool go into a shared segment (`storage_spec`)
-        and prompts run on `prefill_executor` (a process that maps it); this engine only decodes.
+        """With `config.semi_pd`, the weights and the pool go into a shared segment (`pd.spec`) and
+        prompts run on `prefill_executor` (a process that maps it); this engine only decodes.
         The parts are built by `engine.builder.build_parts`."""
         self.config = config
         parts = build_parts(config, prefill_executor)
@@ -54,14 +52,7 @@ class LLMEngine:
             parts.max_model_len,
             parts.limits,
         )
-        # Semi-PD's decode side (None when colocated): the shared storage, the split and the dispatcher
-        self.storage, self.storage_spec, self.split = parts.storage, parts.storage_spec, parts.split
-        self._control, self._follower, self._initial_cores = (
-            parts.control,
-            parts.follower,
-            parts.initial_cores,
-        )
-        self.dispatcher: PrefillDispatcher | None = parts.dispatcher
+        self.pd: DecodeSide | None = parts.decode_side  # Semi-PD's end here (None: colocated)
         self.tp: TensorParallelRanks | None = parts.tp_ranks  # the other ranks (None: one rank)
         self.runner, self.block_manager, self.tier = parts.runner, parts.block_manager, parts.tier
         self.running_bound, self.queue_bounds, self.step_time = (
@@ -169,10 +160,10 @@ class LLMEngine:
     def _schedule(self) -> tuple[list[RequestOutput], ScheduledBatch]:
         """The next batch. Semi-PD: first merge the prompts the prefill process finished (their first
         tokens are the outputs returned here), then hand it new ones."""
-        outputs = self._merge_prefills() if self.dispatcher is not None else []
+        outputs = self._merge_prefills() if self.pd is not None else []
         if self.tier is not None:
             self.tier.write_reused()  # before schedule() can reuse a freed page
-        budget = self.dispatcher.token_budget() if self.dispatcher is not None else 0
+        budget = self.pd.token_budget() if self.pd is not None else 0
         scheduled_at = time.monotonic()
         self._expire_waiting(scheduled_at)
         batch = self.scheduler.schedule(budget)
@@ -181,15 +172,13 @@ class LLMEngine:
             scheduled_at, sched.num_admitted - self._num_admitted, len(sched.waiting)
         )
         self._num_admitted = sched.num_admitted
-        if self.split is not None:
-            self._move_split()
-        if batch.prefills:
-            for (
-                seq
-            ) in batch.prefills:  # the prefill process samples the first token: send it the mask
-                if seq.matcher is not None:
-                    self._set_bitmask(seq)
-            self.dispatcher.dispatch(batch.prefills, num_cores=len(self.split.current.prefill))
+        if self.pd is not None:
+            self.pd.hand_over(
+                batch.prefills,
+                bool(sched.waiting or sched.prefilling),
+                bool(sched.running),
+                self._set_bitmask,
+            )
         if not batch.num_decode:
             self._last_decode_at = None  # a gap in decoding is not time per output token
         return outputs, batch
@@ -251,7 +240,7 @@ class LLMEngine:
         sched = self.scheduler
         if sched.running or (sched.loading and not sched.loads_pending()):
             return False
-        if self.dispatcher is not None and self.dispatcher.waiting():
+        if self.pd is not None and self.pd.waiting():
             return True
         return sched.loads_pending() and (sched.blocked or not sched.waiting)
 
@@ -260,8 +249,8 @@ class LLMEngine:
         futures = [
             seq.prefix_load.future for seq in self.scheduler.loading if seq.prefix_load is not None
         ]
-        if self.dispatcher is not None:
-            futures += [flight.future for flight in self.dispatcher.in_flight]
+        if self.pd is not None:
+            futures += self.pd.futures()
         if futures:
             cf.wait(futures, timeout=timeout, return_when=cf.FIRST_COMPLETED)
 
@@ -272,15 +261,14 @@ class LLMEngine:
 
     def _observe_decode(self, now: float, num_decode: int, seconds: float) -> None:
         """TPOT (time since the previous decode step) for the running bound and Semi-PD's split."""
+        tpot = None
         if self._last_decode_at is not None:
             tpot = now - self._last_decode_at
             self.step_time.observe(tpot)
             active = len(self.scheduler.running) + len(self.scheduler.prefilling)
             self.running_bound.observe(now, tpot, active)
-            if self.split is not None:
-                self.split.observe_tpot(tpot)
-        if self.split is not None:
-            self.split.observe_rate("decode", len(self._follower.cores), num_decode, seconds)
+        if self.pd is not None:
+            self.pd.observe_decode(tpot, num_decode, seconds)
         self._last_decode_at = now
 
     def _expire_waiting(self, now: float) -> None:
@@ -299,13 +287,10 @@ class LLMEngine:
 
     def _merge_prefills(self) -> list[RequestOutput]:
         outputs = []
-        for flight, result in self.dispatcher.completed():
+        for flight, result in self.pd.returned():
             if isinstance(result, BaseException):
                 self._fail(flight.seqs, result)
                 continue
-            self.split.observe_rate(
-                "prefill", flight.num_cores, flight.num_tokens, result.compute_seconds
-            )
             by_id = {r.request_id: r for r in result.results}
             now = time.monotonic()
             for seq in flight.seqs:
@@ -318,7 +303,7 @@ class LLMEngine:
                 seq.prompt_logprobs.extend(r.prompt_logprobs)
                 self.scheduler.prefill_done(seq)
                 if seq.first_token_time is None:
-                    self.split.observe_ttft(now - seq.arrival_time)
+                    self.pd.observe_ttft(now - seq.arrival_time)
                 outputs.append(self._append_token(seq, r.token_id, r.logprob, now))
         return outputs
 
@@ -336,17 +321,6 @@ class LLMEngine:
                 self.sequences.pop(seq.request_id, None)
                 self.failures[seq.request_id] = reason
                 self.counters["aborted"] += 1
-
-    def _move_split(self) -> None:
-        """Publish where the cores go now and take this process's share (Semi-PD's live split)."""
-        sched = self.scheduler
-        before = self.split.current
-        split = self.split.decide(
-            time.monotonic(), bool(sched.waiting or sched.prefilling), bool(sched.running)
-        )
-        if split != before:
-            self._control.publish(split)
-        self._follower.sync()
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> RequestOutput:
         self.latency.token(seq.arrival_time, seq.first_token_time, seq.last_token_time, now)
@@ -430,9 +404,9 @@ class LLMEngine:
             cached_prompt_tokens_total=c["cached"],
             requests_finished_total=c["finished"],
             requests_aborted_total=c["aborted"],
-            pd_mode="semi_pd" if self.split is not None else "colocated",
+            pd_mode="semi_pd" if self.pd is not None else "colocated",
             num_prefilling=len(self.scheduler.prefilling),
-            split=self._split_stats(),
+            split=self.pd.stats() if self.pd is not None else None,
             latency=self.latency.snapshot(),
             running_bound=self.running_bound.value,
             reserved_pages=bm.num_pages - bm.num_free_pages + self.scheduler.committed_pages(),
@@ -443,24 +417,7 @@ class LLMEngine:
             drain_rate=self.queue_bounds.drain.per_s or 0.0,
             compute_seconds_total=self.compute_seconds,
             targets=[self.running_bound.target()]
-            + (self.split.targets() if self.split is not None else []),
-        )
-
-    def _split_stats(self) -> SplitStats | None:
-        if self.split is None:
-            return None
-        current = self.split.current
-        return SplitStats(
-            prefill_cores=list(current.prefill) if current else [],
-            decode_cores=list(current.decode) if current else [],
-            base_prefill_cores=self.split.base,
-            moves_total=self.split.moves_total,
-            ttft_p90_ms=self.split.last_ttft_p90_ms,
-            tpot_p90_ms=self.split.last_tpot_p90_ms,
-            prefill_batches_total=self.dispatcher.batches_total,
-            prefill_compute_seconds_total=self.dispatcher.compute_seconds_total,
-            prefill_roundtrip_seconds_total=self.dispatcher.roundtrip_seconds_total,
-            storage=self.storage_spec.name,
+            + (self.pd.targets() if self.pd is not None else []),
         )
 
     def flush_cache(self) -> bool:
@@ -477,14 +434,9 @@ class LLMEngine:
         if self.tier is not None:
             self.tier.close()
             self.tier = None
-        if self.storage is not None:
-            self.storage.close()
-            self.storage = None
-            if self._initial_cores is not None:
-                use_cores(
-                    self._initial_cores
-                )  # the split pinned this process; give it its cores back
-                torch.set_num_threads(self.config.compute_threads)
+        if self.pd is not None:
+            self.pd.close(self.config.compute_threads)
+            self.pd = None
 
     @property
     def model_info(self) -> dict:
