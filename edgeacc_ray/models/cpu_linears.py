@@ -5,7 +5,8 @@
 - float32: oneDNN on the plain weight (`OneDnnLinear`, no copy, so the weights Semi-PD's two
   processes share stay shared), chosen by a measurement at load (`onednn_fp32_is_faster`): on the
   AVX2 EPYC box it ran this model's GEMMs 1.3-2.8x faster than MKL (the lm_head most); on a CPU
-  where MKL is as fast, nothing changes. Sums are the same float32 sums in another order.
+  where MKL is as fast, nothing changes. Sums are the same float32 sums in another order, so
+  processes that must agree bit for bit (Semi-PD's two) take one verdict: the loader's.
 """
 
 from __future__ import annotations
@@ -101,14 +102,21 @@ def pack_linears(module: nn.Module) -> None:
     _replace_linears(module, PackedLinear)
 
 
-def use_onednn_fp32(model: nn.Module, args: ModelArgs) -> bool:
+def use_onednn_fp32(model: nn.Module, args: ModelArgs, verdict: bool | None = None) -> bool:
     """Route a float32 CPU model's linears through oneDNN if it measures faster here (the MLP's
-    gate/up shape decides); the weights are not copied. Returns whether it did."""
+    gate/up shape decides), or as `verdict` says (another process measured); the weights are not
+    copied. Returns whether it did."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return False
-    gate_up = (args.hidden_size, 2 * args.intermediate_size)
-    if not onednn_fp32_is_faster(*gate_up, torch.get_num_threads()):
-        return False
-    _replace_linears(model, OneDnnLinear)
-    return True
+    if verdict is None:
+        gate_up = (args.hidden_size, 2 * args.intermediate_size)
+        verdict = onednn_fp32_is_faster(*gate_up, torch.get_num_threads())
+    if verdict:
+        _replace_linears(model, OneDnnLinear)
+    return verdict
+
+
+def runs_on_onednn_fp32(model: nn.Module) -> bool:
+    """Whether `use_onednn_fp32` routed this model's linears."""
+    return any(isinstance(m, OneDnnLinear) for m in model.modules())

@@ -31,6 +31,7 @@ class StorageSpec:
     manifest: ArenaManifest
     model_path: str
     dtype: str  # as the engine was configured ("auto" resolves the same way everywhere)
+    onednn_fp32: bool = False  # the decode side's linears run on oneDNN: the prefill side's do too
 
     @property
     def name(self) -> str:
@@ -98,5 +99,5 @@ def map_storage(spec: StorageSpec) -> MappedStorage:
         arena.close()
         raise ValueError(f"segment {spec.name} does not hold the tensors of {spec.model_path}")
     _bind(model, tensors)
-    use_onednn_fp32(model, args)
+    use_onednn_fp32(model, args, verdict=spec.onednn_fp32)
     return MappedStorage(arena, model, args, arena.tensors[KV_CACHE], arena.tensors[CONTROL])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from edgeacc_ray.config import SemiPDConfig
 from edgeacc_ray.engine.kv import MappedStorage, StorageSpec, export
 from edgeacc_ray.engine.split import ControlBlock, CoreSplitFollower, SplitController
+from edgeacc_ray.models.cpu_linears import runs_on_onednn_fp32
 from edgeacc_ray.models.qwen3 import CausalLM
 
 
@@ -61,7 +62,7 @@ def start_semi_pd(
     )
     return SemiPDParts(
         storage,
-        StorageSpec(storage.arena.manifest, model_path, dtype),
+        StorageSpec(storage.arena.manifest, model_path, dtype, runs_on_onednn_fp32(model)),
         split,
         control,
         CoreSplitFollower(control, "decode"),
