@@ -34,14 +34,14 @@ class SamplingDefaults:
         path = Path(folder) / FILE
         if not path.is_file():
             return cls()
-        found = cls.overrides_in(json.loads(path.read_text()), path)
+        found = cls._read(json.loads(path.read_text()), path)
         if found:
             logger.info("sampling defaults from the model's %s: %s", FILE, found)
         return cls(**found)
 
     @classmethod
-    def overrides_in(cls, config: dict[str, Any], source: Path | str = FILE) -> dict[str, Any]:
-        """The sampling fields `config` sets, as this server's types."""
+    def _read(cls, config: dict[str, Any], source: Path) -> dict[str, Any]:
+        """The sampling fields `config` sets, in the types of their neutral values."""
         out: dict[str, Any] = {}
         for f in fields(cls):
             value = config.get(f.name)
@@ -49,7 +49,7 @@ class SamplingDefaults:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise GenerationConfigError(f"{source}: {f.name} must be a number, got {value!r}")
-            out[f.name] = int(value) if f.type == "int" else float(value)
+            out[f.name] = type(f.default)(value)
         if out.get("top_k") == 0:
             out["top_k"] = -1
         return out

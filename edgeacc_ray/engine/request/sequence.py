@@ -53,9 +53,8 @@ class Sequence:
     last_token_time: float | None = None
     detokenizer: Any = None  # IncrementalDetokenizer, set by the engine
     matcher: Any = None  # llguidance matcher of a constrained request (advanced as tokens come out)
-    grammar_mask: GrammarMask | None = (
-        None  # the matcher's rule for the next token (set before sampling)
-    )
+    # The matcher's rule for the next token (set before sampling).
+    grammar_mask: GrammarMask | None = None
     eos_token_ids: frozenset[int] = frozenset()  # held back until params.min_tokens are out
 
     def __post_init__(self) -> None:
