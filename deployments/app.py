@@ -19,12 +19,11 @@ from deployments.ingress import Ingress
 from deployments.prefill_server import PrefillServer
 from deployments.sglang_server import bind_sglang_engine, require_sglang
 from edgeacc_ray.config import ConfigError, ServeConfig
+from edgeacc_ray.http.inflight import FULL_RETRY_AFTER_S
 
 logger = logging.getLogger("ray.serve")
 
-PROXY_RETRY_AFTER_S = (
-    2  # the proxy's 429 when every Ingress replica is full; Serve sends a fixed value
-)
+PROXY_RETRY_AFTER_S = FULL_RETRY_AFTER_S  # the proxy's 429 when every Ingress replica is full
 ROUTING_STATS_PERIOD_S = 1.0  # how often each engine replica reports its load to the routers
 
 
@@ -99,7 +98,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=PROXY_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": cfg.access_log},
-        **cfg.ingress_replicas.serve_options(),
+        **cfg.ingress_replicas.serve_options(own_http=cfg.http_server == "ingress"),
     ).bind(config, engine, model_path)
 
 

@@ -11,6 +11,7 @@ remaining replicas with room to spare. Serve applies `min_replicas` / `max_repli
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -88,3 +89,18 @@ class EngineScalingPolicy:
         if n > 1 and waiting == 0 and calm and kv_mean * n < self.kv_low * (n - 1):
             return n - 1
         return n
+
+
+class IngressScalingPolicy:
+    """Ingress replicas that serve HTTP themselves (`http_server: ingress`): as many as the HTTP
+    requests in flight need at `target_per_replica` each (`Ingress.record_autoscaling_stats`)."""
+
+    def __init__(self, target_per_replica: float = 256.0) -> None:
+        self.target = target_per_replica
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        n = ctx.current_num_replicas
+        counts = list(((ctx.aggregated_metrics or {}).get("http_requests") or {}).values())
+        if n == 0 or not counts:  # no reports yet: keep what we have
+            return max(n, ctx.target_num_replicas), ctx.policy_state
+        return max(1, math.ceil(sum(counts) / self.target)), ctx.policy_state

@@ -1,7 +1,7 @@
 """Start the application on the host and port of the settings (SERVER_HOST / SERVER_PORT / args).
 
-`serve run serve_config.yaml` takes the proxy's address from the YAML's `http_options`; this launcher
-is for those who configure through the environment, like the EdgeAcc-SGLang image:
+`serve run serve_config.yaml` takes the address from the YAML; this launcher is for those who
+configure through the environment, like the EdgeAcc-SGLang image:
 
     MODEL_PATH=/models/qwen3 SERVER_PORT=30000 python -m deployments.launch [serve_config.yaml]
 
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     from deployments.app import build_app
 
     ray.init(address=opts.address, namespace="serve")
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    if cfg.http_server == "ingress":  # the Ingress replicas listen on host:port themselves
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(args), name="edgeacc", route_prefix="/")
     print(
         f"EdgeAcc-Ray serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (Ctrl-C to stop)",

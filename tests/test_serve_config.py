@@ -82,10 +82,12 @@ def test_serve_config_yaml_is_valid():
     with open("serve_config.yaml") as f:
         doc = yaml.safe_load(f)
     schema = ServeDeploySchema.model_validate(doc)
-    assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 8000
     app = schema.applications[0]
     assert app.import_path == "deployments.app:build_app" and app.route_prefix == "/"
-    ServeConfig.from_sources(app.args, env={})  # its args are valid settings
+    cfg = ServeConfig.from_sources(app.args, env={})  # its args are valid settings
+    # The Ingress replicas serve HTTP on 127.0.0.1:8000 themselves, so Serve's proxy must be off.
+    assert cfg.http_server == "ingress" and (cfg.host, cfg.port) == ("127.0.0.1", 8000)
+    assert schema.proxy_location == "Disabled"
 
 
 def test_build_app_rejects_bad_settings_before_deploying():

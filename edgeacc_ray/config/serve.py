@@ -73,7 +73,15 @@ class ServeConfig(EngineSettings, SemiPDSettings):
         default_factory=SGLangSettings, description="backend sglang: its engines' settings"
     )
 
-    # HTTP. host/port are the Serve proxy's (see `http_options` / `python -m deployments.launch`).
+    # HTTP. host/port: where the Ingress replicas listen (http_server="ingress"), or the Serve proxy's
+    # address for `python -m deployments.launch` (`serve run` takes the proxy's from `http_options`).
+    http_server: Literal["proxy", "ingress"] = Field(
+        "proxy",
+        description="proxy: HTTP enters through Serve's proxy actor, which forwards every request and "
+        "every streamed chunk to an Ingress replica over Ray; ingress: each Ingress replica serves "
+        "HTTP itself on host:port (SO_REUSEPORT: replicas of a node share the port), one process hop "
+        "and its CPU fewer; needs Serve's proxy off (`proxy_location: Disabled`, as serve_config.yaml)",
+    )
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = Field(

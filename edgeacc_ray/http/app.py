@@ -18,6 +18,7 @@ from edgeacc_ray.http.context import ApiContext
 from edgeacc_ray.http.engine_interface import EngineClient
 from edgeacc_ray.http.errors import APIError
 from edgeacc_ray.http.guard import ApiGuard
+from edgeacc_ray.http.inflight import InFlight, InFlightCount
 from edgeacc_ray.http.routes import admin, chat, completions, generate
 
 logger = logging.getLogger("ray.serve")
@@ -102,4 +103,15 @@ def build_api(config: ServeConfig, client: EngineClient, tokenizer_path: str) ->
     for module in (chat, completions, generate, admin):
         app.include_router(module.router(ctx))
     app.add_middleware(ApiGuard, api_key=config.api_key, max_body=config.max_request_body_bytes)
+    app.state.in_flight = InFlightCount(http_limit(config))
+    app.add_middleware(InFlight, count=app.state.in_flight)  # outermost: a refusal costs least
     return app
+
+
+def http_limit(config: ServeConfig) -> int | None:
+    """Requests one replica takes before answering 429 when it serves HTTP itself: what Serve would
+    have let reach it (`ingress_max_ongoing_requests`) plus what its proxy would have held
+    (`ingress_max_queued_requests`). Behind Serve's proxy, the proxy bounds it."""
+    if config.http_server == "proxy" or config.ingress_max_queued_requests < 0:
+        return None
+    return config.ingress_max_ongoing_requests + config.ingress_max_queued_requests
