@@ -27,6 +27,7 @@ class PortTaken(RuntimeError):
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other SO_REUSEPORT sockets of this user may share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

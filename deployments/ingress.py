@@ -2,8 +2,9 @@
 
 Thin by design: the routes live in `edgeacc_ray.http`; this class only wires the app to Ray Serve and
 to a `ServeEngineClient`, so the Ingress does not change with the engine side's layout (a colocated
-`EngineServer`, or Semi-PD's `DecodeServer` with its `PrefillServer`). With `http_server: ingress` the replica is also the HTTP
-endpoint itself (`deployments/http_listener.py`), and Serve's proxy is off.
+`EngineServer`, or Semi-PD's `DecodeServer` with its `PrefillServer`). With `http_server: ingress`
+the replica is also the HTTP endpoint itself (`deployments/http_listener.py`), and Serve's proxy is
+off.
 """
 
 from __future__ import annotations
