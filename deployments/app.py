@@ -23,7 +23,6 @@ from edgeacc_ray.http.inflight import FULL_RETRY_AFTER_S
 
 logger = logging.getLogger("ray.serve")
 
-PROXY_RETRY_AFTER_S = FULL_RETRY_AFTER_S  # the proxy's 429 when every Ingress replica is full
 ROUTING_STATS_PERIOD_S = 1.0  # how often each engine replica reports its load to the routers
 
 
@@ -95,10 +94,10 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     return Ingress.options(
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         max_queued_requests=cfg.ingress_max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=PROXY_RETRY_AFTER_S),
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=FULL_RETRY_AFTER_S),
         ray_actor_options={"num_cpus": 0},
         logging_config={"enable_access_log": cfg.access_log},
-        **cfg.ingress_replicas.serve_options(own_http=cfg.http_server == "ingress"),
+        **cfg.ingress_replicas.serve_options(),
     ).bind(config, engine, model_path)
 
 

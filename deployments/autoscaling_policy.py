@@ -92,8 +92,8 @@ class EngineScalingPolicy:
 
 
 class IngressScalingPolicy:
-    """Ingress replicas that serve HTTP themselves (`http_server: ingress`): as many as the HTTP
-    requests in flight need at `target_per_replica` each (`Ingress.record_autoscaling_stats`)."""
+    """Ingress replicas: as many as the HTTP requests in flight need at `target_per_replica` each
+    (`Ingress.record_autoscaling_stats`, counted in the app, behind Serve's proxy or not)."""
 
     def __init__(self, target_per_replica: float = 256.0) -> None:
         self.target = target_per_replica

@@ -43,8 +43,7 @@ class Ingress:
         return self.api
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """HTTP requests in flight here: what `IngressScalingPolicy` scales on (requests served by the
-        replica's own listener never pass through Serve's request count)."""
+        """HTTP requests in flight here: what `IngressScalingPolicy` scales on."""
         return {"http_requests": float(self.api.state.in_flight.value)}
 
     def __del__(self):

@@ -90,26 +90,20 @@ class EngineScaling(ReplicaScaling):
 
 
 class IngressScaling(ReplicaScaling):
-    """HTTP replicas, scaled on HTTP requests in flight (each an open stream): by Serve's own policy
-    behind its proxy, by `IngressScalingPolicy` on the replicas' own counts when they serve HTTP
-    themselves (those requests never pass through Serve's request count)."""
+    """HTTP replicas, scaled by `IngressScalingPolicy` on the HTTP requests each replica counts in
+    flight (each an open stream). Their own count, not Serve's: requests a replica serves on its own
+    socket (`http_server: ingress`) never pass through Serve's request count."""
 
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(
         256, gt=0, description="HTTP requests per replica the autoscaler aims at"
     )
 
-    def serve_options(self, own_http: bool = False) -> dict[str, Any]:
+    def serve_options(self) -> dict[str, Any]:
         if not self.autoscaled:
             return {"num_replicas": self.min_replicas}
-        if own_http:
-            policy = {
-                "policy_function": INGRESS_POLICY,
-                "policy_kwargs": {"target_per_replica": self.target_ongoing_requests},
-            }
-            return {"autoscaling_config": self._autoscaling(policy=policy)}
-        return {
-            "autoscaling_config": self._autoscaling(
-                target_ongoing_requests=self.target_ongoing_requests
-            )
+        policy = {
+            "policy_function": INGRESS_POLICY,
+            "policy_kwargs": {"target_per_replica": self.target_ongoing_requests},
         }
+        return {"autoscaling_config": self._autoscaling(policy=policy)}

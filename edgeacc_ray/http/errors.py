@@ -3,6 +3,7 @@ short and stable messages, never internal identifiers (those go to the logs with
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Mapping
 
@@ -41,6 +42,22 @@ def error_body(
     code: str | int | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+async def send_error(
+    send, status: int, message: str, type_: str, code: str, headers: tuple = ()
+) -> None:
+    """Answer an ASGI request with an OpenAI-style error from middleware, before any route runs."""
+    body = json.dumps(
+        error_body(message, type_, None, code), ensure_ascii=False, separators=(",", ":")
+    ).encode()
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 def unavailable(

@@ -3,12 +3,9 @@ request body size, both answered with OpenAI-style errors before any route runs.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from fastapi import HTTPException
 
-from edgeacc_ray.http.errors import error_body
+from edgeacc_ray.http.errors import send_error
 
 AUTH_EXEMPT = (
     "/health",
@@ -18,27 +15,11 @@ AUTH_EXEMPT = (
 )  # SGLang's, plus the public API schema
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
 class ApiGuard:
     """Raw ASGI middleware: API key (`Authorization: Bearer`) and request body size limit."""
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def _reject(
-        self, send, status: int, message: str, type_: str, code: str, extra=()
-    ) -> None:
-        body = _dumps(error_body(message, type_, None, code)).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *extra,
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -57,7 +38,7 @@ class ApiGuard:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, token = auth.partition(" ")
             if not auth:
-                return await self._reject(
+                return await send_error(
                     send,
                     401,
                     "missing API key: send `Authorization: Bearer <key>`",
@@ -66,7 +47,7 @@ class ApiGuard:
                     [(b"www-authenticate", b"Bearer")],
                 )
             if scheme.lower() != "bearer" or token.strip() != self.api_key:
-                return await self._reject(
+                return await send_error(
                     send,
                     401,
                     "incorrect API key",
@@ -76,7 +57,7 @@ class ApiGuard:
                 )
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            return await self._reject(
+            return await send_error(
                 send,
                 413,
                 f"request body of {int(length)} bytes exceeds the limit of "

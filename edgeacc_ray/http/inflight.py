@@ -3,9 +3,7 @@ Serve proxy does it (`http_server: ingress`), with the same 429 + Retry-After th
 
 from __future__ import annotations
 
-import json
-
-from edgeacc_ray.http.errors import error_body
+from edgeacc_ray.http.errors import send_error
 
 FULL_RETRY_AFTER_S = 2  # what a refused client is told when every slot of the replica is taken
 UNCOUNTED = ("/health", "/metrics")  # probes: always answered, never counted
@@ -31,27 +29,17 @@ class InFlight:
             return await self.app(scope, receive, send)
         count = self.count
         if count.limit is not None and count.value >= count.limit:
-            return await _refuse(send, count.limit)
+            return await send_error(
+                send,
+                429,
+                f"the server is busy ({count.limit} HTTP requests in flight on this replica); "
+                "retry shortly",
+                "rate_limit_exceeded",
+                "overloaded",
+                ((b"retry-after", str(FULL_RETRY_AFTER_S).encode()),),
+            )
         count.value += 1
         try:
             await self.app(scope, receive, send)
         finally:
             count.value -= 1
-
-
-async def _refuse(send, limit: int) -> None:
-    body = json.dumps(
-        error_body(
-            f"the server is busy ({limit} HTTP requests in flight on this replica); retry shortly",
-            "rate_limit_exceeded",
-            None,
-            "overloaded",
-        )
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(FULL_RETRY_AFTER_S).encode()),
-    ]
-    await send({"type": "http.response.start", "status": 429, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
